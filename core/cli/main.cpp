@@ -1,0 +1,77 @@
+// ptqlab: command-line entry point. Dispatches to subcommands; turns user errors into one line on
+// stderr and exit status 2.
+#include <cstdio>
+#include <exception>
+#include <functional>
+#include <map>
+#include <string>
+
+#include <boost/program_options/errors.hpp>
+#include <fmt/format.h>
+
+#include "commands.hpp"
+#include "ptqlab/build_info.hpp"
+#include "ptqlab/error.hpp"
+
+namespace {
+
+struct Command {
+  std::function<int(const ptqlab::cli::Args&)> run;
+  const char* summary;
+};
+
+const std::map<std::string, Command>& commands() {
+  static const std::map<std::string, Command> table = {
+      {"ppl", {ptqlab::cli::cmd_ppl, "perplexity of a model on a text file (protocol ptqlab-ppl-v1)"}},
+      {"generate", {ptqlab::cli::cmd_generate, "continue a prompt (greedy by default)"}},
+      {"info", {ptqlab::cli::cmd_info, "show a checkpoint's architecture, dtype and parameter count"}},
+  };
+  return table;
+}
+
+void print_help() {
+  fmt::print(
+      "ptqlab {} ({}): low-bit post-training quantization research framework\n\n"
+      "usage: ptqlab <command> [options]\n       ptqlab <command> --help\n\ncommands:\n",
+      ptqlab::version(), ptqlab::git_revision());
+  for (const auto& [name, cmd] : commands()) fmt::print("  {:<10} {}\n", name, cmd.summary);
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc < 2) {
+    print_help();
+    return ptqlab::kExitUserError;
+  }
+  const std::string name = argv[1];
+  if (name == "--help" || name == "-h" || name == "help") {
+    print_help();
+    return 0;
+  }
+  if (name == "--version") {
+    fmt::print("ptqlab {} ({})\n", ptqlab::version(), ptqlab::git_revision());
+    return 0;
+  }
+  const auto it = commands().find(name);
+  if (it == commands().end()) {
+    fmt::print(stderr, "ptqlab: error: unknown command '{}' (see 'ptqlab --help')\n", name);
+    return ptqlab::kExitUserError;
+  }
+  const ptqlab::cli::Args args(argv + 2, argv + argc);
+  try {
+    return it->second.run(args);
+  } catch (const ptqlab::Error& e) {
+    fmt::print(stderr, "ptqlab: error: {}\n", e.what());
+    return ptqlab::kExitUserError;
+  } catch (const boost::program_options::error& e) {
+    fmt::print(stderr, "ptqlab {}: error: {} (see 'ptqlab {} --help')\n", name, e.what(), name);
+    return ptqlab::kExitUserError;
+  } catch (const std::bad_alloc&) {
+    fmt::print(stderr, "ptqlab: error: out of memory\n");
+    return 1;
+  } catch (const std::exception& e) {
+    fmt::print(stderr, "ptqlab: internal error: {}\n", e.what());
+    return 1;
+  }
+}

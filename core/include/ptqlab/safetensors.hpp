@@ -1,0 +1,95 @@
+#pragma once
+// Reader for the safetensors format (single file or a sharded checkpoint with
+// model.safetensors.index.json). Files are memory-mapped; every header field is validated before
+// any tensor is touched: header length within the file, well-formed JSON, known dtypes, shapes
+// matching byte sizes, offsets inside the data section and non-overlapping.
+#include <cstddef>
+#include <cstdint>
+#include <filesystem>
+#include <map>
+#include <memory>
+#include <span>
+#include <string>
+#include <vector>
+
+namespace ptqlab {
+
+enum class DType { F32, F16, BF16 };
+
+const char* dtype_name(DType dtype);
+std::size_t dtype_size(DType dtype);
+
+struct TensorInfo {
+  std::string name;
+  DType dtype = DType::F32;
+  std::vector<std::int64_t> shape;
+  std::size_t begin = 0;  // byte offsets inside the data section (after the header)
+  std::size_t end = 0;
+
+  std::int64_t numel() const;
+};
+
+// A read-only memory mapping of a whole file.
+class MappedFile {
+ public:
+  explicit MappedFile(const std::filesystem::path& path);
+  ~MappedFile();
+  MappedFile(const MappedFile&) = delete;
+  MappedFile& operator=(const MappedFile&) = delete;
+
+  std::span<const std::byte> bytes() const { return {data_, size_}; }
+  const std::filesystem::path& path() const { return path_; }
+
+ private:
+  std::filesystem::path path_;
+  const std::byte* data_ = nullptr;
+  std::size_t size_ = 0;
+};
+
+// One .safetensors file.
+class SafetensorsFile {
+ public:
+  explicit SafetensorsFile(const std::filesystem::path& path);
+
+  const std::filesystem::path& path() const { return file_->path(); }
+  const std::vector<TensorInfo>& tensors() const { return tensors_; }
+  const TensorInfo* find(const std::string& name) const;
+  const std::map<std::string, std::string>& metadata() const { return metadata_; }
+
+  std::span<const std::byte> raw(const TensorInfo& info) const;
+  // Converts to float32; throws ptqlab::Error naming the file and tensor on NaN/Inf.
+  std::vector<float> to_f32(const TensorInfo& info) const;
+
+ private:
+  std::shared_ptr<MappedFile> file_;
+  std::size_t data_start_ = 0;
+  std::vector<TensorInfo> tensors_;  // sorted by begin offset
+  std::map<std::string, std::size_t> index_;
+  std::map<std::string, std::string> metadata_;
+};
+
+// All tensors of a checkpoint directory: model.safetensors, or the shards listed by
+// model.safetensors.index.json. Tensor names are unique across shards.
+class Checkpoint {
+ public:
+  explicit Checkpoint(const std::filesystem::path& dir);
+
+  struct Entry {
+    const SafetensorsFile* file;
+    const TensorInfo* info;
+  };
+  // nullptr when absent
+  const Entry* find(const std::string& name) const;
+  const std::map<std::string, Entry>& entries() const { return entries_; }
+  const std::vector<std::unique_ptr<SafetensorsFile>>& files() const { return files_; }
+
+ private:
+  std::vector<std::unique_ptr<SafetensorsFile>> files_;
+  std::map<std::string, Entry> entries_;
+};
+
+// Widening conversions used by the loader (exposed for tests).
+float bf16_to_f32(std::uint16_t bits);
+float f16_to_f32(std::uint16_t bits);
+
+}  // namespace ptqlab

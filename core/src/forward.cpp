@@ -1,0 +1,259 @@
+// The numerical heart of the forward pass. Every Eigen-heavy routine lives in this one
+// translation unit so that the build stays fast on a single core.
+#include "ptqlab/forward.hpp"
+
+#include <algorithm>
+#include <cmath>
+
+#include <fmt/format.h>
+#include <tbb/blocked_range.h>
+#include <tbb/blocked_range2d.h>
+#include <tbb/parallel_for.h>
+#include <tbb/partitioner.h>
+
+#include "ptqlab/error.hpp"
+
+namespace ptqlab {
+
+using Eigen::Index;
+
+const char* linear_input_name(LinearInput which) {
+  switch (which) {
+    case LinearInput::attn_in: return "attn_in";
+    case LinearInput::o_in: return "o_in";
+    case LinearInput::mlp_in: return "mlp_in";
+    case LinearInput::down_in: return "down_in";
+  }
+  return "?";
+}
+
+LinearInput input_of(Linear which) {
+  switch (which) {
+    case Linear::q_proj:
+    case Linear::k_proj:
+    case Linear::v_proj: return LinearInput::attn_in;
+    case Linear::o_proj: return LinearInput::o_in;
+    case Linear::gate_proj:
+    case Linear::up_proj: return LinearInput::mlp_in;
+    case Linear::down_proj: return LinearInput::down_in;
+  }
+  return LinearInput::attn_in;
+}
+
+RopeTable::RopeTable(int head_dim, double theta, int max_positions)
+    : half_(head_dim / 2), max_positions_(max_positions) {
+  cos_.resize(static_cast<std::size_t>(max_positions) * half_);
+  sin_.resize(cos_.size());
+  for (int pos = 0; pos < max_positions; ++pos) {
+    for (int i = 0; i < half_; ++i) {
+      const double inv_freq = 1.0 / std::pow(theta, (2.0 * i) / head_dim);
+      const double angle = pos * inv_freq;
+      cos_[static_cast<std::size_t>(pos) * half_ + i] = static_cast<float>(std::cos(angle));
+      sin_[static_cast<std::size_t>(pos) * half_ + i] = static_cast<float>(std::sin(angle));
+    }
+  }
+}
+
+void linear_forward(const Eigen::Ref<const Matrix>& x, const Matrix& w, Matrix& y) {
+  const Index n = x.rows(), out = w.rows(), in = w.cols();
+  y.resize(n, out);
+  // Small products: one Eigen GEMM call, no task overhead.
+  if (static_cast<double>(n) * out * in < 2e6) {
+    y.noalias() = x * w.transpose();
+    return;
+  }
+  // Fixed tiles (simple_partitioner never splits below the grain nor merges tiles), so the set of
+  // GEMM calls, and hence every rounding, is independent of the thread count.
+  constexpr Index kRowTile = 512, kColTile = 256;
+  tbb::parallel_for(
+      tbb::blocked_range2d<Index>(0, n, kRowTile, 0, out, kColTile),
+      [&](const tbb::blocked_range2d<Index>& r) {
+        const Index r0 = r.rows().begin(), nr = r.rows().size();
+        const Index c0 = r.cols().begin(), nc = r.cols().size();
+        y.block(r0, c0, nr, nc).noalias() = x.middleRows(r0, nr) * w.middleRows(c0, nc).transpose();
+      },
+      tbb::simple_partitioner());
+}
+
+void rms_norm(const Matrix& x, const Vector& weight, float eps, Matrix& out) {
+  out.resize(x.rows(), x.cols());
+  const float inv_cols = 1.0f / static_cast<float>(x.cols());
+  tbb::parallel_for(tbb::blocked_range<Index>(0, x.rows(), 256), [&](const tbb::blocked_range<Index>& r) {
+    for (Index i = r.begin(); i < r.end(); ++i) {
+      const float inv_rms = 1.0f / std::sqrt(x.row(i).squaredNorm() * inv_cols + eps);
+      out.row(i).array() = (x.row(i).array() * inv_rms) * weight.transpose().array();
+    }
+  });
+}
+
+void apply_rope(Matrix& x, int n_heads, int head_dim, const RopeTable& rope, BatchShape shape) {
+  const int half = head_dim / 2;
+  if (shape.seq_len > rope.max_positions())
+    throw Error(fmt::format("sequence length {} exceeds the {} positions of the rotary table", shape.seq_len,
+                            rope.max_positions()));
+  tbb::parallel_for(tbb::blocked_range<Index>(0, x.rows(), 256), [&](const tbb::blocked_range<Index>& r) {
+    for (Index row = r.begin(); row < r.end(); ++row) {
+      const int pos = static_cast<int>(row % shape.seq_len);
+      const float* c = rope.cos(pos);
+      const float* s = rope.sin(pos);
+      float* p = x.row(row).data();
+      for (int h = 0; h < n_heads; ++h) {
+        float* a = p + h * head_dim;  // first half
+        float* b = a + half;          // second half
+        for (int i = 0; i < half; ++i) {
+          const float x1 = a[i], x2 = b[i];
+          a[i] = x1 * c[i] - x2 * s[i];  // rotate_half: (x1, x2) -> (-x2, x1)
+          b[i] = x2 * c[i] + x1 * s[i];
+        }
+      }
+    }
+  });
+}
+
+void causal_attention(const Matrix& q, const Matrix& k, const Matrix& v, int n_heads, int n_kv_heads,
+                      int head_dim, BatchShape shape, Matrix& out) {
+  const Index T = shape.seq_len;
+  const int group = n_heads / n_kv_heads;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(head_dim));
+  out.resize(q.rows(), static_cast<Index>(n_heads) * head_dim);
+  // Queries are processed in tiles; a tile only reads the keys up to its last row (causal), so at
+  // most one tile-width triangle per tile is wasted.
+  constexpr Index kQueryTile = 64;
+
+  // One task per (sequence, kv head): its K and V are copied once and shared by the group of
+  // query heads that read them.
+  tbb::parallel_for(0, shape.batch * n_kv_heads, [&](int task) {
+    const Index row0 = static_cast<Index>(task / n_kv_heads) * T;
+    const Index kv_col = static_cast<Index>(task % n_kv_heads) * head_dim;
+    const Matrix K = k.block(row0, kv_col, T, head_dim);
+    const Matrix V = v.block(row0, kv_col, T, head_dim);
+    Matrix scores(std::min(kQueryTile, T), T);
+    for (int g = 0; g < group; ++g) {
+      const Index q_col = (static_cast<Index>(task % n_kv_heads) * group + g) * head_dim;
+      for (Index q0 = 0; q0 < T; q0 += kQueryTile) {
+        const Index nq = std::min(kQueryTile, T - q0);
+        const Index nk = q0 + nq;
+        auto s = scores.topLeftCorner(nq, nk);
+        s.noalias() = (q.block(row0 + q0, q_col, nq, head_dim) * scale) * K.topRows(nk).transpose();
+        for (Index r = 0; r < nq; ++r) {
+          const Index len = q0 + r + 1;  // keys 0..q0+r are visible
+          auto visible = s.row(r).head(len);
+          const float m = visible.maxCoeff();
+          visible = (visible.array() - m).exp();
+          visible /= visible.sum();
+          if (len < nk) s.row(r).tail(nk - len).setZero();
+        }
+        out.block(row0 + q0, q_col, nq, head_dim).noalias() = s * V.topRows(nk);
+      }
+    }
+  });
+}
+
+Matrix embed_tokens(const LlamaModel& model, std::span<const int> tokens) {
+  const auto& e = model.embed;
+  Matrix hidden(static_cast<Index>(tokens.size()), e.cols());
+  for (std::size_t i = 0; i < tokens.size(); ++i) {
+    const int id = tokens[i];
+    if (id < 0 || id >= e.rows())
+      throw Error(fmt::format("token id {} at position {} is outside the vocabulary [0, {})", id, i, e.rows()));
+    hidden.row(static_cast<Index>(i)) = e.row(id);
+  }
+  return hidden;
+}
+
+void decoder_layer_forward(const LlamaConfig& c, const DecoderLayer& layer, const RopeTable& rope, BatchShape shape,
+                           Matrix& hidden, int layer_index, ForwardObserver* observer) {
+  const float eps = static_cast<float>(c.rms_norm_eps);
+  Matrix normed, q, k, v, attn, proj;
+
+  // Attention block: h += o_proj(attention(rope(q), rope(k), v)).
+  rms_norm(hidden, layer.input_norm, eps, normed);
+  if (observer) observer->on_linear_input(layer_index, LinearInput::attn_in, normed, shape);
+  linear_forward(normed, layer.q_proj, q);
+  linear_forward(normed, layer.k_proj, k);
+  linear_forward(normed, layer.v_proj, v);
+  apply_rope(q, c.num_heads, c.head_dim, rope, shape);
+  apply_rope(k, c.num_kv_heads, c.head_dim, rope, shape);
+  causal_attention(q, k, v, c.num_heads, c.num_kv_heads, c.head_dim, shape, attn);
+  if (observer) observer->on_linear_input(layer_index, LinearInput::o_in, attn, shape);
+  linear_forward(attn, layer.o_proj, proj);
+  hidden += proj;
+
+  // MLP block (SwiGLU): h += down(silu(gate(x)) * up(x)).
+  rms_norm(hidden, layer.post_norm, eps, normed);
+  if (observer) observer->on_linear_input(layer_index, LinearInput::mlp_in, normed, shape);
+  Matrix gate, up;
+  linear_forward(normed, layer.gate_proj, gate);
+  linear_forward(normed, layer.up_proj, up);
+  tbb::parallel_for(tbb::blocked_range<Index>(0, gate.rows(), 256), [&](const tbb::blocked_range<Index>& r) {
+    auto g = gate.middleRows(r.begin(), r.size()).array();
+    g = g / (1.0f + (-g).exp()) * up.middleRows(r.begin(), r.size()).array();
+  });
+  if (observer) observer->on_linear_input(layer_index, LinearInput::down_in, gate, shape);
+  linear_forward(gate, layer.down_proj, proj);
+  hidden += proj;
+}
+
+namespace {
+
+void run_decoder(const LlamaModel& model, Matrix& hidden, BatchShape shape, ForwardObserver* observer) {
+  const auto& c = model.config;
+  if (shape.seq_len > c.max_position_embeddings)
+    throw Error(fmt::format("sequence length {} exceeds max_position_embeddings {}", shape.seq_len,
+                            c.max_position_embeddings));
+  const RopeTable rope(c.head_dim, c.rope_theta, shape.seq_len);
+  for (int i = 0; i < c.num_layers; ++i)
+    decoder_layer_forward(c, model.layers[i], rope, shape, hidden, i, observer);
+}
+
+void check_tokens(std::span<const int> tokens, BatchShape shape) {
+  if (shape.batch <= 0 || shape.seq_len <= 0 || static_cast<Index>(tokens.size()) != shape.rows())
+    throw Error(fmt::format("forward: {} tokens do not form {} sequences of {}", tokens.size(), shape.batch,
+                            shape.seq_len));
+}
+
+}  // namespace
+
+Matrix output_logits(const LlamaModel& model, const Matrix& hidden) {
+  Matrix normed, logits;
+  rms_norm(hidden, model.final_norm, static_cast<float>(model.config.rms_norm_eps), normed);
+  linear_forward(normed, model.output_head(), logits);
+  return logits;
+}
+
+Matrix forward_logits(const LlamaModel& model, std::span<const int> tokens, BatchShape shape,
+                      ForwardObserver* observer) {
+  check_tokens(tokens, shape);
+  Matrix hidden = embed_tokens(model, tokens);
+  run_decoder(model, hidden, shape, observer);
+  return output_logits(model, hidden);
+}
+
+std::vector<double> sequence_nll(const LlamaModel& model, std::span<const int> tokens, BatchShape shape) {
+  check_tokens(tokens, shape);
+  Matrix hidden = embed_tokens(model, tokens);
+  run_decoder(model, hidden, shape, nullptr);
+  Matrix normed;
+  rms_norm(hidden, model.final_norm, static_cast<float>(model.config.rms_norm_eps), normed);
+  const Matrix& head = model.output_head();
+
+  // Logits are made one sequence at a time, so memory is seq_len x vocab at most.
+  std::vector<double> nll(shape.batch, 0.0);
+  tbb::parallel_for(0, shape.batch, [&](int b) {
+    const Index row0 = static_cast<Index>(b) * shape.seq_len;
+    const Index n = shape.seq_len - 1;  // the last position predicts nothing inside the window
+    Matrix logits;
+    linear_forward(normed.middleRows(row0, n), head, logits);
+    double sum = 0.0;
+    for (Index t = 0; t < n; ++t) {
+      const auto row = logits.row(t);
+      const float m = row.maxCoeff();
+      const double lse = m + std::log(static_cast<double>((row.array() - m).exp().sum()));
+      sum += lse - row(tokens[row0 + t + 1]);
+    }
+    nll[b] = sum;
+  });
+  return nll;
+}
+
+}  // namespace ptqlab

@@ -1,0 +1,299 @@
+#include "ptqlab/safetensors.hpp"
+
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cmath>
+#include <cstring>
+#include <fstream>
+#include <limits>
+#include <set>
+
+#include <fmt/format.h>
+#include <nlohmann/json.hpp>
+
+#include "ptqlab/error.hpp"
+
+namespace ptqlab {
+namespace {
+
+using json = nlohmann::json;
+
+// A header larger than this is not a real checkpoint (HF caps headers at 100 MB).
+constexpr std::uint64_t kMaxHeaderBytes = 100ull << 20;
+
+[[noreturn]] void fail(const std::filesystem::path& path, const std::string& what) {
+  throw Error(fmt::format("{}: {}", path.string(), what));
+}
+
+DType parse_dtype(const std::filesystem::path& path, const std::string& tensor, const std::string& s) {
+  if (s == "F32") return DType::F32;
+  if (s == "F16") return DType::F16;
+  if (s == "BF16") return DType::BF16;
+  fail(path, fmt::format("tensor '{}': unsupported dtype '{}' (ptqlab reads F32, F16 and BF16)", tensor, s));
+}
+
+std::uint64_t read_le_u64(const std::byte* p) {
+  std::uint64_t v = 0;
+  for (int i = 7; i >= 0; --i) v = (v << 8) | static_cast<std::uint8_t>(p[i]);
+  return v;
+}
+
+}  // namespace
+
+const char* dtype_name(DType dtype) {
+  switch (dtype) {
+    case DType::F32: return "F32";
+    case DType::F16: return "F16";
+    case DType::BF16: return "BF16";
+  }
+  return "?";
+}
+
+std::size_t dtype_size(DType dtype) { return dtype == DType::F32 ? 4 : 2; }
+
+std::int64_t TensorInfo::numel() const {
+  std::int64_t n = 1;
+  for (auto d : shape) n *= d;
+  return n;
+}
+
+float bf16_to_f32(std::uint16_t bits) {
+  std::uint32_t u = static_cast<std::uint32_t>(bits) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+float f16_to_f32(std::uint16_t h) {
+  const std::uint32_t sign = (h & 0x8000u) << 16;
+  std::uint32_t exp = (h >> 10) & 0x1f;
+  std::uint32_t mant = h & 0x3ffu;
+  std::uint32_t u;
+  if (exp == 0) {
+    if (mant == 0) {
+      u = sign;
+    } else {  // subnormal: renormalise
+      exp = 127 - 15 + 1;
+      while ((mant & 0x400u) == 0) {
+        mant <<= 1;
+        --exp;
+      }
+      mant &= 0x3ffu;
+      u = sign | (exp << 23) | (mant << 13);
+    }
+  } else if (exp == 31) {
+    u = sign | 0x7f800000u | (mant << 13);
+  } else {
+    u = sign | ((exp + 127 - 15) << 23) | (mant << 13);
+  }
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+MappedFile::MappedFile(const std::filesystem::path& path) : path_(path) {
+  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) fail(path, fmt::format("cannot open: {}", std::strerror(errno)));
+  struct stat st {};
+  if (::fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
+    ::close(fd);
+    fail(path, "not a regular file");
+  }
+  size_ = static_cast<std::size_t>(st.st_size);
+  if (size_ > 0) {
+    void* p = ::mmap(nullptr, size_, PROT_READ, MAP_PRIVATE, fd, 0);
+    if (p == MAP_FAILED) {
+      ::close(fd);
+      fail(path, fmt::format("cannot mmap: {}", std::strerror(errno)));
+    }
+    data_ = static_cast<const std::byte*>(p);
+  }
+  ::close(fd);
+}
+
+MappedFile::~MappedFile() {
+  if (data_ != nullptr) ::munmap(const_cast<std::byte*>(data_), size_);
+}
+
+SafetensorsFile::SafetensorsFile(const std::filesystem::path& path)
+    : file_(std::make_shared<MappedFile>(path)) {
+  const auto bytes = file_->bytes();
+  if (bytes.size() < 8) fail(path, fmt::format("truncated: {} bytes, too short for a safetensors header", bytes.size()));
+  const std::uint64_t header_len = read_le_u64(bytes.data());
+  if (header_len == 0 || header_len > kMaxHeaderBytes)
+    fail(path, fmt::format("invalid header length {} (file is {} bytes)", header_len, bytes.size()));
+  if (header_len > bytes.size() - 8)
+    fail(path, fmt::format("header length {} runs past the end of the file ({} bytes): truncated or corrupt", header_len,
+                           bytes.size()));
+  data_start_ = 8 + static_cast<std::size_t>(header_len);
+  const std::size_t data_size = bytes.size() - data_start_;
+
+  json header;
+  try {
+    header = json::parse(reinterpret_cast<const char*>(bytes.data() + 8),
+                         reinterpret_cast<const char*>(bytes.data() + data_start_));
+  } catch (const json::parse_error& e) {
+    fail(path, fmt::format("header is not valid JSON (byte {})", e.byte));
+  }
+  if (!header.is_object()) fail(path, "header is not a JSON object");
+
+  for (auto it = header.begin(); it != header.end(); ++it) {
+    const std::string& name = it.key();
+    const json& v = it.value();
+    if (name == "__metadata__") {
+      if (!v.is_object()) fail(path, "'__metadata__' is not an object");
+      for (auto m = v.begin(); m != v.end(); ++m) {
+        if (!m.value().is_string()) fail(path, fmt::format("'__metadata__.{}' is not a string", m.key()));
+        metadata_[m.key()] = m.value().get<std::string>();
+      }
+      continue;
+    }
+    if (!v.is_object()) fail(path, fmt::format("tensor '{}': entry is not an object", name));
+    if (!v.contains("dtype") || !v["dtype"].is_string()) fail(path, fmt::format("tensor '{}': missing or non-string 'dtype'", name));
+    if (!v.contains("shape") || !v["shape"].is_array()) fail(path, fmt::format("tensor '{}': missing or non-array 'shape'", name));
+    if (!v.contains("data_offsets") || !v["data_offsets"].is_array() || v["data_offsets"].size() != 2)
+      fail(path, fmt::format("tensor '{}': 'data_offsets' must be an array [begin, end]", name));
+
+    TensorInfo info;
+    info.name = name;
+    info.dtype = parse_dtype(path, name, v["dtype"].get<std::string>());
+    std::uint64_t numel = 1;
+    for (const auto& d : v["shape"]) {
+      if (!d.is_number_unsigned()) fail(path, fmt::format("tensor '{}': shape entries must be non-negative integers", name));
+      const std::uint64_t dim = d.get<std::uint64_t>();
+      if (dim != 0 && numel > std::numeric_limits<std::uint64_t>::max() / 8 / dim)
+        fail(path, fmt::format("tensor '{}': shape is too large", name));
+      numel *= dim;
+      info.shape.push_back(static_cast<std::int64_t>(dim));
+    }
+    const auto& offs = v["data_offsets"];
+    if (!offs[0].is_number_unsigned() || !offs[1].is_number_unsigned())
+      fail(path, fmt::format("tensor '{}': data_offsets must be non-negative integers", name));
+    const std::uint64_t begin = offs[0].get<std::uint64_t>();
+    const std::uint64_t end = offs[1].get<std::uint64_t>();
+    if (begin > end) fail(path, fmt::format("tensor '{}': data_offsets [{}, {}] are reversed", name, begin, end));
+    if (end > data_size)
+      fail(path, fmt::format("tensor '{}': data_offsets [{}, {}] run past the end of the data section ({} bytes)", name, begin,
+                             end, data_size));
+    const std::uint64_t expected = numel * dtype_size(info.dtype);
+    if (end - begin != expected)
+      fail(path, fmt::format("tensor '{}': {} bytes in data_offsets but shape and dtype {} need {}", name, end - begin,
+                             dtype_name(info.dtype), expected));
+    info.begin = static_cast<std::size_t>(begin);
+    info.end = static_cast<std::size_t>(end);
+    tensors_.push_back(std::move(info));
+  }
+
+  std::sort(tensors_.begin(), tensors_.end(), [](const TensorInfo& a, const TensorInfo& b) {
+    return a.begin != b.begin ? a.begin < b.begin : a.end < b.end;
+  });
+  for (std::size_t i = 1; i < tensors_.size(); ++i) {
+    const auto& prev = tensors_[i - 1];
+    const auto& cur = tensors_[i];
+    if (cur.begin < prev.end && cur.end > cur.begin && prev.end > prev.begin)
+      fail(path, fmt::format("tensors '{}' and '{}' overlap (bytes [{}, {}) and [{}, {}))", prev.name, cur.name, prev.begin,
+                             prev.end, cur.begin, cur.end));
+  }
+  for (std::size_t i = 0; i < tensors_.size(); ++i) index_[tensors_[i].name] = i;
+}
+
+const TensorInfo* SafetensorsFile::find(const std::string& name) const {
+  auto it = index_.find(name);
+  return it == index_.end() ? nullptr : &tensors_[it->second];
+}
+
+std::span<const std::byte> SafetensorsFile::raw(const TensorInfo& info) const {
+  return file_->bytes().subspan(data_start_ + info.begin, info.end - info.begin);
+}
+
+std::vector<float> SafetensorsFile::to_f32(const TensorInfo& info) const {
+  const auto src = raw(info);
+  const std::size_t n = static_cast<std::size_t>(info.numel());
+  std::vector<float> out(n);
+  switch (info.dtype) {
+    case DType::F32:
+      std::memcpy(out.data(), src.data(), n * 4);  // memcpy: the data need not be 4-byte aligned
+      break;
+    case DType::F16:
+    case DType::BF16: {
+      const bool bf16 = info.dtype == DType::BF16;
+      for (std::size_t i = 0; i < n; ++i) {
+        std::uint16_t h;
+        std::memcpy(&h, src.data() + 2 * i, 2);
+        out[i] = bf16 ? bf16_to_f32(h) : f16_to_f32(h);
+      }
+      break;
+    }
+  }
+  for (std::size_t i = 0; i < n; ++i) {
+    if (!std::isfinite(out[i]))
+      fail(path(), fmt::format("tensor '{}': non-finite value {} at flat index {}", info.name, out[i], i));
+  }
+  return out;
+}
+
+Checkpoint::Checkpoint(const std::filesystem::path& dir) {
+  const auto single = dir / "model.safetensors";
+  const auto index_path = dir / "model.safetensors.index.json";
+  std::vector<std::filesystem::path> shard_paths;
+  json weight_map;
+  if (std::filesystem::exists(index_path)) {
+    std::ifstream in(index_path);
+    if (!in) fail(index_path, "cannot open");
+    json index;
+    try {
+      index = json::parse(in);
+    } catch (const json::parse_error& e) {
+      fail(index_path, fmt::format("not valid JSON (byte {})", e.byte));
+    }
+    if (!index.is_object() || !index.contains("weight_map") || !index["weight_map"].is_object())
+      fail(index_path, "missing object 'weight_map'");
+    weight_map = index["weight_map"];
+    std::set<std::string> shard_names;
+    for (auto it = weight_map.begin(); it != weight_map.end(); ++it) {
+      if (!it.value().is_string()) fail(index_path, fmt::format("weight_map.{}: shard name is not a string", it.key()));
+      const auto shard = it.value().get<std::string>();
+      // A shard must be a plain file name inside the checkpoint directory (no path traversal).
+      if (shard.empty() || shard.find('/') != std::string::npos || shard == "." || shard == "..")
+        fail(index_path, fmt::format("weight_map.{}: shard '{}' is not a plain file name", it.key(), shard));
+      shard_names.insert(shard);
+    }
+    for (const auto& s : shard_names) shard_paths.push_back(dir / s);
+  } else if (std::filesystem::exists(single)) {
+    shard_paths.push_back(single);
+  } else {
+    fail(dir, "no model.safetensors or model.safetensors.index.json (ptqlab never loads pickle .bin/.pt files)");
+  }
+
+  for (const auto& p : shard_paths) {
+    if (!std::filesystem::exists(p)) fail(p, "shard named in model.safetensors.index.json does not exist");
+    files_.push_back(std::make_unique<SafetensorsFile>(p));
+  }
+  for (const auto& f : files_) {
+    for (const auto& t : f->tensors()) {
+      auto [it, inserted] = entries_.emplace(t.name, Entry{f.get(), &t});
+      if (!inserted)
+        fail(f->path(), fmt::format("tensor '{}' also appears in {}", t.name, it->second.file->path().string()));
+    }
+  }
+  if (!weight_map.is_null()) {
+    for (auto it = weight_map.begin(); it != weight_map.end(); ++it) {
+      auto e = entries_.find(it.key());
+      const auto shard = dir / it.value().get<std::string>();
+      if (e == entries_.end() || e->second.file->path() != shard)
+        fail(shard, fmt::format("tensor '{}' listed in model.safetensors.index.json is not in this shard", it.key()));
+    }
+  }
+}
+
+const Checkpoint::Entry* Checkpoint::find(const std::string& name) const {
+  auto it = entries_.find(name);
+  return it == entries_.end() ? nullptr : &it->second;
+}
+
+}  // namespace ptqlab

@@ -1,0 +1,23 @@
+#include "ptqlab/text_file.hpp"
+
+#include <cerrno>
+#include <cstring>
+#include <fstream>
+#include <sstream>
+
+#include <fmt/format.h>
+
+#include "ptqlab/error.hpp"
+
+namespace ptqlab {
+
+std::string read_text_file(const std::filesystem::path& path) {
+  if (!std::filesystem::is_regular_file(path)) throw Error(fmt::format("{}: no such text file", path.string()));
+  std::ifstream in(path, std::ios::binary);
+  if (!in) throw Error(fmt::format("{}: cannot open: {}", path.string(), std::strerror(errno)));
+  std::ostringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
+}
+
+}  // namespace ptqlab
