@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 
 #include <fmt/format.h>
 #include <tbb/blocked_range.h>
@@ -110,26 +111,110 @@ void apply_rope(Matrix& x, int n_heads, int head_dim, const RopeTable& rope, Bat
   });
 }
 
+namespace {
+
+constexpr Index kLanes = 16;  // one AVX-512 register of floats (two AVX2 registers)
+using Lane = Eigen::Array<float, kLanes, 1>;
+
+// Attention of one (sequence, kv head) for small head dims (HD = 4..32), where GEMM calls with
+// an inner dimension of 8 spend more time packing than multiplying. Keys and values are
+// transposed once ([HD, T], zero-padded to whole lanes) so that each query is two vector passes
+// over key positions: (1) scores and their max, (2) exp, sum and the weighted sum of values,
+// with the HD accumulators in registers.
+template <int HD>
+class SmallHeadAttention {
+ public:
+  SmallHeadAttention(const Matrix& k, const Matrix& v, Index row0, Index col, Index T)
+      : padded_((T + kLanes - 1) / kLanes * kLanes) {
+    kt_ = Matrix::Zero(HD, padded_);
+    vt_ = Matrix::Zero(HD, padded_);
+    kt_.leftCols(T) = k.block(row0, col, T, HD).transpose();
+    vt_.leftCols(T) = v.block(row0, col, T, HD).transpose();
+    scores_.resize(padded_);
+  }
+
+  // out[0..HD) = softmax(scale * q · K[0..t]) V[0..t]
+  void query(const float* q, Index t, float scale, float* out) {
+    const Index len = t + 1;
+    const Index chunks = (len + kLanes - 1) / kLanes;
+    const Index tail = len - (chunks - 1) * kLanes;  // valid lanes in the last chunk, 1..kLanes
+    const Lane lane_index = Lane::LinSpaced(kLanes, 0, kLanes - 1);
+    float qs[HD];
+    for (int d = 0; d < HD; ++d) qs[d] = q[d] * scale;
+
+    Lane vmax = Lane::Constant(-std::numeric_limits<float>::infinity());
+    for (Index c = 0; c < chunks; ++c) {
+      Lane acc = Lane::Zero();
+      for (int d = 0; d < HD; ++d) acc += qs[d] * Eigen::Map<const Lane>(kt_.data() + d * padded_ + c * kLanes);
+      if (c == chunks - 1) acc = (lane_index < static_cast<float>(tail)).select(acc, vmax);
+      vmax = vmax.max(acc);
+      Eigen::Map<Lane>(scores_.data() + c * kLanes) = acc;
+    }
+    const float m = vmax.maxCoeff();
+
+    // exp as one whole-array pass (Eigen unrolls and pipelines it), zeroing the padded lanes.
+    auto p = scores_.head(chunks * kLanes).array();
+    p.head(len) = (p.head(len) - m).exp();
+    p.tail(chunks * kLanes - len).setZero();
+    const float inv_sum = 1.0f / p.head(len).sum();
+
+    Lane acc[HD];
+    for (int d = 0; d < HD; ++d) acc[d] = Lane::Zero();
+    for (Index c = 0; c < chunks; ++c) {
+      const Lane pc = Eigen::Map<const Lane>(scores_.data() + c * kLanes);
+      for (int d = 0; d < HD; ++d) acc[d] += pc * Eigen::Map<const Lane>(vt_.data() + d * padded_ + c * kLanes);
+    }
+    for (int d = 0; d < HD; ++d) out[d] = acc[d].sum() * inv_sum;
+  }
+
+ private:
+  Index padded_;
+  Matrix kt_, vt_;
+  Eigen::VectorXf scores_;
+};
+
+template <int HD>
+void small_head_attention(const Matrix& q, const Matrix& k, const Matrix& v, Index row0, Index kv_col,
+                          Index first_q_col, int group, Index T, float scale, Matrix& out) {
+  SmallHeadAttention<HD> attn(k, v, row0, kv_col, T);
+  for (int g = 0; g < group; ++g) {
+    const Index q_col = first_q_col + g * HD;
+    for (Index t = 0; t < T; ++t) attn.query(&q(row0 + t, q_col), t, scale, &out(row0 + t, q_col));
+  }
+}
+
+}  // namespace
+
 void causal_attention(const Matrix& q, const Matrix& k, const Matrix& v, int n_heads, int n_kv_heads,
                       int head_dim, BatchShape shape, Matrix& out) {
   const Index T = shape.seq_len;
   const int group = n_heads / n_kv_heads;
   const float scale = 1.0f / std::sqrt(static_cast<float>(head_dim));
   out.resize(q.rows(), static_cast<Index>(n_heads) * head_dim);
-  // Queries are processed in tiles; a tile only reads the keys up to its last row (causal), so at
-  // most one tile-width triangle per tile is wasted.
-  constexpr Index kQueryTile = 64;
 
-  // One task per (sequence, kv head): its K and V are copied once and shared by the group of
+  // One task per (sequence, kv head): its K and V are prepared once and shared by the group of
   // query heads that read them.
   tbb::parallel_for(0, shape.batch * n_kv_heads, [&](int task) {
     const Index row0 = static_cast<Index>(task / n_kv_heads) * T;
     const Index kv_col = static_cast<Index>(task % n_kv_heads) * head_dim;
+    const Index first_q_col = static_cast<Index>(task % n_kv_heads) * group * head_dim;
+
+    switch (head_dim) {
+      case 4: return small_head_attention<4>(q, k, v, row0, kv_col, first_q_col, group, T, scale, out);
+      case 8: return small_head_attention<8>(q, k, v, row0, kv_col, first_q_col, group, T, scale, out);
+      case 16: return small_head_attention<16>(q, k, v, row0, kv_col, first_q_col, group, T, scale, out);
+      case 32: return small_head_attention<32>(q, k, v, row0, kv_col, first_q_col, group, T, scale, out);
+      default: break;
+    }
+
+    // Large head dims: GEMMs over query tiles. A tile only reads the keys up to its last row, so
+    // at most one tile-width triangle per tile is wasted.
+    constexpr Index kQueryTile = 64;
     const Matrix K = k.block(row0, kv_col, T, head_dim);
     const Matrix V = v.block(row0, kv_col, T, head_dim);
     Matrix scores(std::min(kQueryTile, T), T);
     for (int g = 0; g < group; ++g) {
-      const Index q_col = (static_cast<Index>(task % n_kv_heads) * group + g) * head_dim;
+      const Index q_col = first_q_col + g * head_dim;
       for (Index q0 = 0; q0 < T; q0 += kQueryTile) {
         const Index nq = std::min(kQueryTile, T - q0);
         const Index nk = q0 + nq;
@@ -138,8 +223,7 @@ void causal_attention(const Matrix& q, const Matrix& k, const Matrix& v, int n_h
         for (Index r = 0; r < nq; ++r) {
           const Index len = q0 + r + 1;  // keys 0..q0+r are visible
           auto visible = s.row(r).head(len);
-          const float m = visible.maxCoeff();
-          visible = (visible.array() - m).exp();
+          visible = (visible.array() - visible.maxCoeff()).exp();
           visible /= visible.sum();
           if (len < nk) s.row(r).tail(nk - len).setZero();
         }
