@@ -57,7 +57,7 @@ namespace {
 
 class TensorLoader {
  public:
-  explicit TensorLoader(const Checkpoint& ckpt) : ckpt_(ckpt) {}
+  TensorLoader(const Checkpoint& ckpt, const std::filesystem::path& dir) : ckpt_(ckpt), dir_(dir) {}
 
   Matrix matrix(const std::string& name, std::int64_t rows, std::int64_t cols) {
     const auto& e = entry(name);
@@ -85,9 +85,9 @@ class TensorLoader {
   const Checkpoint::Entry& entry(const std::string& name) {
     const auto* e = ckpt_.find(name);
     if (e == nullptr) {
-      const auto where = ckpt_.files().size() == 1 ? ckpt_.files()[0]->path().string()
-                                                     : std::string("the checkpoint shards");
-      throw Error(fmt::format("{}: tensor '{}' is missing", where, name));
+      // A single file names itself; a sharded checkpoint names its index, which lists the tensors.
+      const auto where = ckpt_.files().size() == 1 ? ckpt_.files()[0]->path() : dir_ / "model.safetensors.index.json";
+      throw Error(fmt::format("{}: tensor '{}' is missing", where.string(), name));
     }
     used_.insert(name);
     dtypes_.insert(dtype_name(e->info->dtype));
@@ -103,6 +103,7 @@ class TensorLoader {
   }
 
   const Checkpoint& ckpt_;
+  std::filesystem::path dir_;
   std::set<std::string> used_;
   std::set<std::string> dtypes_;
 };
@@ -117,7 +118,7 @@ LlamaModel load_model(const std::filesystem::path& dir) {
   model.config = load_llama_config(dir / "config.json");
   const auto& c = model.config;
   Checkpoint ckpt(dir);
-  TensorLoader load(ckpt);
+  TensorLoader load(ckpt, dir);
 
   model.embed = load.matrix("model.embed_tokens.weight", c.vocab_size, c.hidden_size);
   model.layers.resize(c.num_layers);

@@ -192,12 +192,15 @@ SafetensorsFile::SafetensorsFile(const std::filesystem::path& path)
   std::sort(tensors_.begin(), tensors_.end(), [](const TensorInfo& a, const TensorInfo& b) {
     return a.begin != b.begin ? a.begin < b.begin : a.end < b.end;
   });
-  for (std::size_t i = 1; i < tensors_.size(); ++i) {
-    const auto& prev = tensors_[i - 1];
-    const auto& cur = tensors_[i];
-    if (cur.begin < prev.end && cur.end > cur.begin && prev.end > prev.begin)
-      fail(path, fmt::format("tensors '{}' and '{}' overlap (bytes [{}, {}) and [{}, {}))", prev.name, cur.name, prev.begin,
-                             prev.end, cur.begin, cur.end));
+  // Empty tensors cannot overlap anything, and are skipped so that one sorted between two
+  // overlapping tensors cannot hide the overlap.
+  const TensorInfo* prev = nullptr;  // the previous non-empty tensor
+  for (const auto& cur : tensors_) {
+    if (cur.end == cur.begin) continue;
+    if (prev != nullptr && cur.begin < prev->end)
+      fail(path, fmt::format("tensors '{}' and '{}' overlap (bytes [{}, {}) and [{}, {}))", prev->name, cur.name,
+                             prev->begin, prev->end, cur.begin, cur.end));
+    prev = &cur;
   }
   for (std::size_t i = 0; i < tensors_.size(); ++i) index_[tensors_[i].name] = i;
 }
