@@ -37,10 +37,10 @@ struct CommandResult {
   std::string output;  // stdout and stderr together
 };
 
-// Runs `ptqlab <args>` through the shell, capturing both streams.
-inline CommandResult run_ptqlab(const std::string& args) {
+// Runs `ptqlab <args>` through the shell, capturing stdout and (unless told not to) stderr.
+inline CommandResult run_ptqlab(const std::string& args, bool capture_stderr = true) {
   CommandResult r;
-  const std::string cmd = std::string(PTQLAB_BINARY) + " " + args + " 2>&1";
+  const std::string cmd = std::string(PTQLAB_BINARY) + " " + args + (capture_stderr ? " 2>&1" : " 2>/dev/null");
   FILE* pipe = ::popen(cmd.c_str(), "r");
   if (pipe == nullptr) return r;
   char buf[4096];

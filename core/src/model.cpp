@@ -1,5 +1,6 @@
 #include "ptqlab/model.hpp"
 
+#include <random>
 #include <set>
 
 #include <fmt/format.h>
@@ -143,6 +144,41 @@ LlamaModel load_model(const std::filesystem::path& dir) {
   const auto& dtypes = load.dtypes();
   model.source_dtype = dtypes.size() == 1 ? *dtypes.begin() : "mixed";
   return model;
+}
+
+LlamaModel random_llama(const LlamaConfig& c, std::uint64_t seed, float weight_std) {
+  std::mt19937_64 rng(seed);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  auto matrix = [&](int rows, int cols) {
+    Matrix m(rows, cols);
+    for (Eigen::Index i = 0; i < m.size(); ++i) m.data()[i] = weight_std * normal(rng);
+    return m;
+  };
+  auto norm = [&](int n) {
+    Vector v(n);
+    for (int i = 0; i < n; ++i) v(i) = 1.0f + 0.1f * normal(rng);
+    return v;
+  };
+  LlamaModel m;
+  m.config = c;
+  m.source_dtype = "F32";
+  m.embed = matrix(c.vocab_size, c.hidden_size);
+  for (int i = 0; i < c.num_layers; ++i) {
+    DecoderLayer l;
+    l.input_norm = norm(c.hidden_size);
+    l.post_norm = norm(c.hidden_size);
+    l.q_proj = matrix(c.q_dim(), c.hidden_size);
+    l.k_proj = matrix(c.kv_dim(), c.hidden_size);
+    l.v_proj = matrix(c.kv_dim(), c.hidden_size);
+    l.o_proj = matrix(c.hidden_size, c.q_dim());
+    l.gate_proj = matrix(c.intermediate_size, c.hidden_size);
+    l.up_proj = matrix(c.intermediate_size, c.hidden_size);
+    l.down_proj = matrix(c.hidden_size, c.intermediate_size);
+    m.layers.push_back(std::move(l));
+  }
+  m.final_norm = norm(c.hidden_size);
+  if (!c.tie_word_embeddings) m.lm_head = matrix(c.vocab_size, c.hidden_size);
+  return m;
 }
 
 }  // namespace ptqlab

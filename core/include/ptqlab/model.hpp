@@ -2,6 +2,7 @@
 // A LLaMA-architecture model held in float32 (whatever the checkpoint's dtype), with every weight
 // matrix in PyTorch nn.Linear layout: row-major [out_features, in_features].
 #include <array>
+#include <cstdint>
 #include <filesystem>
 #include <string>
 #include <vector>
@@ -49,5 +50,9 @@ struct LlamaModel {
 // Loads config.json and model.safetensors (or a sharded checkpoint) from a HF model directory.
 // Every failure is a ptqlab::Error naming the file and the tensor or key.
 LlamaModel load_model(const std::filesystem::path& dir);
+
+// A model with the given architecture and random weights (normal, std `weight_std`; norm weights
+// 1 + N(0, 0.1)), for tests and benchmarks at shapes no shipped checkpoint has.
+LlamaModel random_llama(const LlamaConfig& config, std::uint64_t seed, float weight_std = 0.02f);
 
 }  // namespace ptqlab
