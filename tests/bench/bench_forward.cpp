@@ -27,36 +27,20 @@ Matrix random_matrix(Eigen::Index rows, Eigen::Index cols, float scale, std::uin
   return m;
 }
 
-// A synthetic LLaMA with LLaMA-7B layer shapes and random weights (std 0.02, as initialised).
-LlamaModel synthetic_llama(int layers, int hidden, int intermediate, int heads, int kv_heads, int vocab, int max_pos) {
-  LlamaModel m;
-  auto& c = m.config;
-  c.hidden_size = hidden;
-  c.intermediate_size = intermediate;
+// LLaMA-7B shapes (hidden 4096, intermediate 11008, 32 heads, vocab 32000) with random weights.
+LlamaConfig llama7b_config(int layers) {
+  LlamaConfig c;
+  c.hidden_size = 4096;
+  c.intermediate_size = 11008;
   c.num_layers = layers;
-  c.num_heads = heads;
-  c.num_kv_heads = kv_heads;
-  c.head_dim = hidden / heads;
-  c.vocab_size = vocab;
-  c.max_position_embeddings = max_pos;
+  c.num_heads = 32;
+  c.num_kv_heads = 32;
+  c.head_dim = 128;
+  c.vocab_size = 32000;
+  c.max_position_embeddings = 4096;
   c.rms_norm_eps = 1e-5;
-  c.tie_word_embeddings = true;
-  m.embed = random_matrix(vocab, hidden, 0.02f, 1);
-  m.final_norm = Vector::Ones(hidden);
-  for (int i = 0; i < layers; ++i) {
-    DecoderLayer l;
-    l.input_norm = Vector::Ones(hidden);
-    l.post_norm = Vector::Ones(hidden);
-    l.q_proj = random_matrix(c.q_dim(), hidden, 0.02f, 10 + i);
-    l.k_proj = random_matrix(c.kv_dim(), hidden, 0.02f, 20 + i);
-    l.v_proj = random_matrix(c.kv_dim(), hidden, 0.02f, 30 + i);
-    l.o_proj = random_matrix(hidden, c.q_dim(), 0.02f, 40 + i);
-    l.gate_proj = random_matrix(intermediate, hidden, 0.02f, 50 + i);
-    l.up_proj = random_matrix(intermediate, hidden, 0.02f, 60 + i);
-    l.down_proj = random_matrix(hidden, intermediate, 0.02f, 70 + i);
-    m.layers.push_back(std::move(l));
-  }
-  return m;
+  c.tie_word_embeddings = false;
+  return c;
 }
 
 // Flops of one decoder layer over `tokens` tokens of sequences of length T (causal attention
@@ -82,6 +66,20 @@ void BM_GemmPeak(benchmark::State& state) {
                                                  benchmark::Counter::kIs1000);
 }
 BENCHMARK(BM_GemmPeak)->Arg(1024)->Arg(2048)->Unit(benchmark::kMillisecond);
+
+// The same square GEMM through linear_forward with all cores (TBB tiles): the all-core peak.
+void BM_GemmAllCores(benchmark::State& state) {
+  const auto n = state.range(0);
+  const Matrix a = random_matrix(n, n, 1.0f, 1), b = random_matrix(n, n, 1.0f, 2);
+  Matrix c;
+  for (auto _ : state) {
+    linear_forward(a, b, c);
+    benchmark::DoNotOptimize(c.data());
+  }
+  state.counters["GFLOP/s"] = benchmark::Counter(2.0 * n * n * n, benchmark::Counter::kIsIterationInvariantRate,
+                                                 benchmark::Counter::kIs1000);
+}
+BENCHMARK(BM_GemmAllCores)->Arg(2048)->Unit(benchmark::kMillisecond)->UseRealTime();
 
 // linear_forward at the shapes the models use: (tokens, out, in).
 void BM_Linear(benchmark::State& state) {
@@ -131,7 +129,7 @@ BENCHMARK(BM_Attention)
 // One decoder layer at LLaMA-7B shape (hidden 4096, intermediate 11008, 32 heads), seq 2048.
 void BM_DecoderLayer7B(benchmark::State& state) {
   const int T = state.range(0);
-  static const LlamaModel model = synthetic_llama(1, 4096, 11008, 32, 32, 32000, 4096);
+  static const LlamaModel model = random_llama(llama7b_config(1), 1);
   const RopeTable rope(model.config.head_dim, model.config.rope_theta, T);
   const Matrix input = random_matrix(T, 4096, 1.0f, 5);
   Matrix hidden;
@@ -146,6 +144,25 @@ void BM_DecoderLayer7B(benchmark::State& state) {
   state.counters["tokens/s"] = benchmark::Counter(T, benchmark::Counter::kIsIterationInvariantRate);
 }
 BENCHMARK(BM_DecoderLayer7B)->Arg(512)->Arg(2048)->Unit(benchmark::kMillisecond)->UseRealTime();
+
+// End to end: a synthetic 2-layer LLaMA-7B-shaped model (embedding, 2 decoder layers, final norm,
+// 32000-way lm_head) on one sequence of 2048 tokens, reduced to next-token NLL like perplexity.
+void BM_SyntheticLlama7BForward(benchmark::State& state) {
+  const int T = state.range(0);
+  static const LlamaModel model = random_llama(llama7b_config(2), 2);
+  std::vector<int> tokens(T);
+  for (int i = 0; i < T; ++i) tokens[i] = (i * 7919) % 32000;
+  for (auto _ : state) {
+    auto nll = sequence_nll(model, tokens, BatchShape{1, T});
+    benchmark::DoNotOptimize(nll.data());
+  }
+  const auto& c = model.config;
+  const double flops = c.num_layers * layer_flops(c, T, T) + 2.0 * (T - 1) * c.hidden_size * c.vocab_size;
+  state.counters["GFLOP/s"] =
+      benchmark::Counter(flops, benchmark::Counter::kIsIterationInvariantRate, benchmark::Counter::kIs1000);
+  state.counters["tokens/s"] = benchmark::Counter(T, benchmark::Counter::kIsIterationInvariantRate);
+}
+BENCHMARK(BM_SyntheticLlama7BForward)->Arg(2048)->Unit(benchmark::kMillisecond)->UseRealTime()->Iterations(2);
 
 // Whole-model next-token NLL of the real stories260K on 8 TinyStories windows of 512 tokens: the
 // inner loop of every perplexity evaluation in a sweep.
