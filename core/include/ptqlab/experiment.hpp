@@ -1,0 +1,80 @@
+#pragma once
+// YAML experiment files: loading, validation and sweep expansion (docs/config-reference.md).
+//
+// The whole file is validated before any compute. Every problem is a ptqlab::Error whose message
+// starts with "FILE:LINE:COL: " and, for unknown names, ends with "(did you mean 'x'?)" when a
+// known name is close.
+#include <cstdint>
+#include <filesystem>
+#include <map>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "ptqlab/params.hpp"
+
+namespace ptqlab {
+
+class PluginRegistry;
+
+// A component instance in an arm: which plugin component, with resolved parameters (every
+// schema parameter present, defaults filled in).
+struct ComponentRef {
+  ComponentKind kind = ComponentKind::quantizer;
+  std::string name;
+  Params params;
+};
+
+struct ArmSpec {
+  std::string name;                         // unique, [A-Za-z0-9._-]+, file name of its result
+  std::vector<ComponentRef> preprocessors;  // applied in order
+  std::optional<ComponentRef> mask;
+  ComponentRef quantizer;
+  std::string resolved_yaml;  // the arm's fully resolved configuration, canonical YAML
+  std::string config_hash;    // sha256 hex of resolved_yaml: the resume key
+};
+
+struct CalibrationSpec {
+  std::filesystem::path text;  // absolute
+  int nsamples = 128;
+  int seq_len = 0;  // 0: the model's max_position_embeddings
+  std::uint64_t seed = 0;
+};
+
+struct DatasetSpec {
+  std::string name;            // e.g. "wikitext2"
+  std::filesystem::path file;  // absolute
+};
+
+struct EvaluatorSpec {
+  ComponentRef evaluator;
+  std::vector<DatasetSpec> datasets;
+};
+
+struct Experiment {
+  std::filesystem::path file;  // the YAML file (absolute)
+  std::string name;            // "name:" or the file's stem
+  std::filesystem::path model_dir;  // absolute
+  std::uint64_t seed = 0;
+  CalibrationSpec calibration;
+  std::vector<EvaluatorSpec> evaluators;
+  std::vector<std::filesystem::path> plugin_paths;  // absolute, in file order
+  bool log_tensors = false;
+  std::vector<ArmSpec> arms;  // after base merging and sweep expansion, in file order
+};
+
+// Reads plugin_paths from the file only (so the caller can load plugins before full validation).
+std::vector<std::filesystem::path> experiment_plugin_paths(const std::filesystem::path& yaml_file);
+
+// Loads and validates the file against the registry's component schemas. Relative paths in the
+// file are resolved against the file's directory.
+Experiment load_experiment(const std::filesystem::path& yaml_file, const PluginRegistry& registry);
+
+// Closest candidate within edit distance 2 (or 1/3 of the length for long names), for "did you
+// mean" hints; nullopt when none is close.
+std::optional<std::string> closest_match(const std::string& word, const std::vector<std::string>& candidates);
+
+// sha256 of a byte string, lower-case hex.
+std::string sha256_hex(const std::string& data);
+
+}  // namespace ptqlab

@@ -1,0 +1,208 @@
+#pragma once
+// The plugin interfaces and the registry that loads them from shared libraries.
+//
+// A plugin is a shared library exporting two C symbols (use the PTQLAB_PLUGIN macro):
+//   int         ptqlab_plugin_abi_version(void);   must equal PTQLAB_PLUGIN_ABI_VERSION
+//   const char* ptqlab_plugin_build_id(void);      must equal ptqlab::plugin_build_id()
+//   void        ptqlab_plugin_register(ptqlab::PluginRegistrar*);
+// The build id pins what crosses the boundary (compiler C++ ABI, Eigen version), so a plugin built
+// against another ptqlab is rejected with a message instead of crashing. Components keep their
+// library loaded for as long as any object they made is alive. See docs/plugins.md.
+#include <cstdint>
+#include <filesystem>
+#include <functional>
+#include <map>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include <Eigen/Core>
+
+#include "ptqlab/bits.hpp"
+#include "ptqlab/model.hpp"
+#include "ptqlab/params.hpp"
+
+#define PTQLAB_PLUGIN_ABI_VERSION 1
+
+namespace ptqlab {
+
+class Tokenizer;
+
+// What must match between ptqlab and a plugin, compiled into each side (inline on purpose: the
+// plugin's copy reflects the headers and compiler it was built with).
+inline std::string plugin_build_id() {
+  return "ptqlab-abi-" + std::to_string(PTQLAB_PLUGIN_ABI_VERSION) + "/gxx-abi-" + std::to_string(__GXX_ABI_VERSION) +
+         "/eigen-" + std::to_string(EIGEN_WORLD_VERSION) + "." + std::to_string(EIGEN_MAJOR_VERSION) + "." +
+         std::to_string(EIGEN_MINOR_VERSION);
+}
+
+// ----------------------------------------------------------------------------------------------
+// What the engine hands to components.
+
+// Per-input-channel statistics of a linear layer's input over the calibration set.
+struct InputStats {
+  Eigen::VectorXf max_abs;   // max over tokens of |x[t, c]|
+  Eigen::VectorXf mean_abs;  // mean over tokens of |x[t, c]|
+  std::int64_t tokens = 0;
+};
+
+// Logging sink for tensors and series; the engine stores them in the arm's HDF5 file when the
+// experiment sets log_tensors (series are always stored).
+class TensorLog {
+ public:
+  virtual ~TensorLog() = default;
+  virtual bool enabled() const = 0;
+  virtual void tensor(const std::string& path, const Matrix& value) = 0;
+  virtual void series(const std::string& path, std::vector<double> values) = 0;
+};
+
+// A salient-weight mask: either whole input channels (columns of [out, in]) or single weights.
+struct SalientMask {
+  enum class Shape { channels, elements };
+  Shape shape = Shape::channels;
+  Eigen::Index rows = 0, cols = 0;
+  std::vector<std::uint8_t> salient;  // channels: cols entries; elements: rows*cols row-major
+  // Bits the mask costs to store (ledger): channel masks 1 bit per column, element masks as the
+  // mask plugin says (bitmap, CSR, ...).
+  double storage_bits = 0;
+
+  bool at(Eigen::Index r, Eigen::Index c) const {
+    return shape == Shape::channels ? salient[c] != 0 : salient[r * cols + c] != 0;
+  }
+  std::int64_t count() const;
+};
+
+// Everything a per-linear step may use. Calibration-derived inputs are computed on first use and
+// shared across arms (content-addressed cache), so components only pay for what they ask.
+struct LinearContext {
+  const LlamaConfig* config = nullptr;
+  int layer = 0;
+  Linear which = Linear::q_proj;
+  std::uint64_t seed = 0;
+  std::function<const InputStats&()> input_stats;   // statistics of this linear's input
+  std::function<const Eigen::MatrixXd&()> hessian;  // H = 2 X Xᵀ / n over calibration tokens, [in, in]
+  const SalientMask* mask = nullptr;                // from the arm's mask component, if any
+  TensorLog* log = nullptr;
+  std::string log_prefix;  // e.g. "layer3/q_proj"
+};
+
+// ----------------------------------------------------------------------------------------------
+// The four kinds of component.
+
+class Quantizer {
+ public:
+  virtual ~Quantizer() = default;
+  // Replaces `weight` ([out, in]) by its dequantized value; returns its bit ledger.
+  virtual BitCount quantize_linear(const LinearContext& ctx, Matrix& weight) = 0;
+  // Bits per weight of an unquantized tensor in the paper convention (FP16 tables say 16).
+  virtual bool needs_hessian() const { return false; }
+  virtual bool needs_input_stats() const { return false; }
+};
+
+class Mask {
+ public:
+  virtual ~Mask() = default;
+  virtual SalientMask select(const LinearContext& ctx, const Matrix& weight) = 0;
+  virtual bool needs_hessian() const { return false; }
+  virtual bool needs_input_stats() const { return false; }
+};
+
+// Transforms the whole model before quantization. `quantize` runs the arm's mask and quantizer on
+// a model in place (restorative LoRA quantizes, trains, merges, and the engine quantizes again).
+struct PreprocessContext {
+  const Tokenizer* tokenizer = nullptr;
+  std::function<void(LlamaModel&)> quantize;
+  const std::vector<std::vector<int>>* calibration = nullptr;  // calibration windows (token ids)
+  std::uint64_t seed = 0;
+  TensorLog* log = nullptr;
+};
+
+class Preprocessor {
+ public:
+  virtual ~Preprocessor() = default;
+  virtual void apply(const PreprocessContext& ctx, LlamaModel& model) = 0;
+};
+
+// A dataset as evaluators see it: name, file, and its token stream (BOS + ids), tokenized once
+// per process and shared by all arms.
+struct EvalContext {
+  std::string dataset;
+  std::filesystem::path file;
+  std::function<const std::vector<int>&()> tokens;
+  const LlamaModel* reference = nullptr;  // the unquantized model (for KL-style metrics)
+  bool show_progress = false;
+  std::string progress_label;
+};
+
+class Evaluator {
+ public:
+  virtual ~Evaluator() = default;
+  // Metric name -> value, e.g. {"ppl": 5.29, "nll": 1.67, "tokens": 316416}.
+  virtual std::map<std::string, double> evaluate(const EvalContext& ctx, const LlamaModel& model) = 0;
+};
+
+// ----------------------------------------------------------------------------------------------
+// Registration (called by plugins) and the registry (used by the engine).
+
+template <class T>
+using Factory = std::function<std::unique_ptr<T>(const Params&)>;
+
+class PluginRegistrar {
+ public:
+  virtual ~PluginRegistrar() = default;
+  virtual void add_quantizer(ComponentSchema schema, Factory<Quantizer> make) = 0;
+  virtual void add_mask(ComponentSchema schema, Factory<Mask> make) = 0;
+  virtual void add_preprocessor(ComponentSchema schema, Factory<Preprocessor> make) = 0;
+  virtual void add_evaluator(ComponentSchema schema, Factory<Evaluator> make) = 0;
+};
+
+class PluginRegistry {
+ public:
+  PluginRegistry();
+  ~PluginRegistry();
+  PluginRegistry(const PluginRegistry&) = delete;
+  PluginRegistry& operator=(const PluginRegistry&) = delete;
+
+  // Adds a directory to the search path and loads every plugin library (*.so) in it. Libraries are
+  // only ever loaded from search-path directories.
+  void add_search_path(const std::filesystem::path& dir);
+  const std::vector<std::filesystem::path>& search_paths() const;
+
+  const ComponentSchema* find(ComponentKind kind, const std::string& name) const;
+  std::vector<const ComponentSchema*> list(std::optional<ComponentKind> kind = std::nullopt) const;
+  std::vector<std::string> names(ComponentKind kind) const;
+  std::filesystem::path library_of(ComponentKind kind, const std::string& name) const;
+
+  // Objects keep their library loaded while alive. Params must be resolved (Params::resolve).
+  std::shared_ptr<Quantizer> make_quantizer(const std::string& name, const Params& params) const;
+  std::shared_ptr<Mask> make_mask(const std::string& name, const Params& params) const;
+  std::shared_ptr<Preprocessor> make_preprocessor(const std::string& name, const Params& params) const;
+  std::shared_ptr<Evaluator> make_evaluator(const std::string& name, const Params& params) const;
+
+  // The plugin directory of this build (next to the ptqlab library), or empty.
+  static std::filesystem::path default_plugin_dir();
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace ptqlab
+
+// Defines the C entry points of a plugin library. Use once per library:
+//   PTQLAB_PLUGIN(registrar) { registrar->add_quantizer(schema, factory); }
+#define PTQLAB_PLUGIN(registrar_name)                                                              \
+  extern "C" __attribute__((visibility("default"))) int ptqlab_plugin_abi_version() {             \
+    return PTQLAB_PLUGIN_ABI_VERSION;                                                             \
+  }                                                                                               \
+  extern "C" __attribute__((visibility("default"))) const char* ptqlab_plugin_build_id() {        \
+    static const std::string id = ptqlab::plugin_build_id();                                      \
+    return id.c_str();                                                                            \
+  }                                                                                               \
+  static void ptqlab_plugin_register_impl(ptqlab::PluginRegistrar* registrar_name);               \
+  extern "C" __attribute__((visibility("default"))) void ptqlab_plugin_register(                  \
+      ptqlab::PluginRegistrar* registrar) {                                                       \
+    ptqlab_plugin_register_impl(registrar);                                                       \
+  }                                                                                               \
+  static void ptqlab_plugin_register_impl(ptqlab::PluginRegistrar* registrar_name)
