@@ -10,5 +10,7 @@ using Args = std::vector<std::string>;
 int cmd_ppl(const Args& args);
 int cmd_generate(const Args& args);
 int cmd_info(const Args& args);
+int cmd_run(const Args& args);
+int cmd_plugins(const Args& args);
 
 }  // namespace ptqlab::cli

@@ -25,6 +25,8 @@ const std::map<std::string, Command>& commands() {
       {"ppl", {ptqlab::cli::cmd_ppl, "perplexity of a model on a text file (protocol ptqlab-ppl-v1)"}},
       {"generate", {ptqlab::cli::cmd_generate, "continue a prompt (greedy by default)"}},
       {"info", {ptqlab::cli::cmd_info, "show a checkpoint's architecture, dtype and parameter count"}},
+      {"run", {ptqlab::cli::cmd_run, "run the arms of a YAML experiment, one HDF5 result file per arm"}},
+      {"plugins", {ptqlab::cli::cmd_plugins, "list plugin components and their parameters"}},
   };
   return table;
 }

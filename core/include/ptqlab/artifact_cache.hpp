@@ -1,0 +1,38 @@
+#pragma once
+// On-disk, content-addressed cache of artifacts that many arms, runs and Slurm jobs share: token
+// streams of text files and FP input statistics. A key is a sha256 over everything the artifact
+// depends on; files are written to a temporary name and renamed, so readers never see a partial
+// entry, and a corrupt entry is ignored (recomputed), never trusted.
+#include <filesystem>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "ptqlab/calibration.hpp"
+
+namespace ptqlab {
+
+class ArtifactCache {
+ public:
+  ArtifactCache() = default;  // disabled
+  explicit ArtifactCache(std::filesystem::path dir);
+  bool enabled() const { return !dir_.empty(); }
+  const std::filesystem::path& dir() const { return dir_; }
+
+  std::optional<std::vector<int>> load_tokens(const std::string& key) const;
+  void store_tokens(const std::string& key, const std::vector<int>& tokens) const;
+  std::optional<ModelInputStats> load_stats(const std::string& key) const;
+  void store_stats(const std::string& key, const ModelInputStats& stats) const;
+
+ private:
+  std::filesystem::path path_of(const std::string& key, const char* kind) const;
+  std::filesystem::path dir_;
+};
+
+// Cache keys. Tokens: tokenizer file bytes + text bytes + protocol. Model: config.json bytes plus
+// each safetensors file's size and header (shapes, dtypes, offsets); weights are not hashed, so a
+// file rewritten with different values but the same layout must not reuse a cache directory.
+std::string token_stream_key(const std::filesystem::path& tokenizer_model, const std::filesystem::path& text);
+std::string model_key(const std::filesystem::path& model_dir);
+
+}  // namespace ptqlab

@@ -1,0 +1,48 @@
+#pragma once
+// Calibration data and the sequential layer-by-layer quantization pipeline (GPTQ/BiLLM/PB-LLM,
+// research/baselines.md §1.6):
+//
+//   inputs <- hidden states entering layer 0 for every calibration window
+//   for each decoder layer l:
+//     run the still-FP layer l on inputs; every linear accumulates H = 2 X Xᵀ / n from the input
+//       it actually sees (quantized stream: layers < l are already quantized)
+//     quantize each linear of layer l (mask, then quantizer), record errors and bits
+//     run the quantized layer l on inputs -> inputs of layer l+1
+#include <array>
+#include <cstdint>
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "ptqlab/model.hpp"
+#include "ptqlab/plugin.hpp"
+#include "ptqlab/results.hpp"
+
+namespace ptqlab {
+
+// `nsamples` windows of `seq_len` consecutive tokens, each starting at a uniform random offset in
+// [0, stream.size() - seq_len] drawn with std::mt19937_64(seed) (documented in docs/protocols.md).
+std::vector<std::vector<int>> draw_calibration_windows(const std::vector<int>& stream, int nsamples, int seq_len,
+                                                       std::uint64_t seed);
+
+// Per-channel statistics of every linear input of the FP model over the calibration windows:
+// stats[layer][LinearInput] (attn_in, o_in, mlp_in, down_in).
+using ModelInputStats = std::vector<std::array<InputStats, 4>>;
+ModelInputStats collect_input_stats(const LlamaModel& fp_model, const std::vector<std::vector<int>>& windows);
+
+struct LayerwiseOptions {
+  Quantizer* quantizer = nullptr;
+  Mask* mask = nullptr;                            // optional
+  const ModelInputStats* input_stats = nullptr;    // FP statistics, when a component needs them
+  TensorLog* log = nullptr;
+  std::uint64_t seed = 0;
+  // Called before each layer (layer index, number of layers): progress display.
+  std::function<void(int, int)> on_layer;
+};
+
+// Quantizes every linear of every decoder layer of `model` in place, sequentially. Throws
+// ptqlab::Error when activations become non-finite. Returns one record per linear, in order.
+std::vector<LinearRecord> quantize_layerwise(LlamaModel& model, const std::vector<std::vector<int>>& windows,
+                                             const LayerwiseOptions& options);
+
+}  // namespace ptqlab

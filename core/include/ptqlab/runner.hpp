@@ -1,0 +1,48 @@
+#pragma once
+// Runs an experiment's arms (docs/architecture.md, "Runner"):
+//   1. select arms (--arms GLOB) and skip those whose result file exists with the same config hash;
+//   2. compute the work shared by all arms once: token streams of the calibration and eval texts,
+//      calibration windows, FP input statistics (when a component needs them);
+//   3. run the arms in parallel in a TBB task_arena of --jobs threads (parallelism inside an arm
+//      uses the same arena, so there is no oversubscription);
+//   4. each arm writes DIR/<arm>.h5 through the process's single HDF5 writer thread.
+#include <filesystem>
+#include <string>
+#include <vector>
+
+#include "ptqlab/experiment.hpp"
+#include "ptqlab/results.hpp"
+
+namespace ptqlab {
+
+class PluginRegistry;
+
+struct RunOptions {
+  std::filesystem::path out_dir;
+  std::string arms_glob = "*";
+  int jobs = 1;
+  bool force = false;                  // recompute arms whose results exist
+  std::filesystem::path cache_dir;     // on-disk cache of shared artifacts; empty: none
+};
+
+struct ArmOutcome {
+  enum class Status { completed, skipped, failed };
+  std::string arm;
+  Status status = Status::completed;
+  std::string message;
+  std::filesystem::path file;
+  ArmResult result;  // as written (or read back, when skipped)
+};
+
+struct RunReport {
+  std::vector<ArmOutcome> arms;
+  double seconds = 0;
+  int failed() const;
+};
+
+RunReport run_experiment(const Experiment& experiment, const PluginRegistry& registry, const RunOptions& options);
+
+// One row per arm: bits (paper / all-in), every evaluator metric "ppl" per dataset, status, time.
+std::string format_results_table(const RunReport& report);
+
+}  // namespace ptqlab

@@ -1,0 +1,159 @@
+#include "ptqlab/artifact_cache.hpp"
+
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstring>
+#include <fstream>
+
+#include <fmt/format.h>
+
+#include "ptqlab/experiment.hpp"
+#include "ptqlab/perplexity.hpp"
+#include "ptqlab/text_file.hpp"
+
+namespace ptqlab {
+namespace {
+
+constexpr char kMagic[8] = {'P', 'T', 'Q', 'C', 'A', 'C', 'H', '1'};
+
+// Entry layout: magic, u64 key length, key bytes, u64 payload bytes, payload.
+bool write_entry(const std::filesystem::path& path, const std::string& key, const std::string& payload) {
+  static std::atomic<unsigned> counter{0};
+  const auto tmp = path.parent_path() / fmt::format(".{}.tmp-{}-{}", path.filename().string(), ::getpid(), counter++);
+  {
+    std::ofstream out(tmp, std::ios::binary);
+    if (!out) return false;
+    const std::uint64_t klen = key.size(), plen = payload.size();
+    out.write(kMagic, 8);
+    out.write(reinterpret_cast<const char*>(&klen), 8);
+    out.write(key.data(), static_cast<std::streamsize>(klen));
+    out.write(reinterpret_cast<const char*>(&plen), 8);
+    out.write(payload.data(), static_cast<std::streamsize>(plen));
+    if (!out) {
+      std::error_code ec;
+      std::filesystem::remove(tmp, ec);
+      return false;
+    }
+  }
+  std::error_code ec;
+  std::filesystem::rename(tmp, path, ec);
+  if (ec) std::filesystem::remove(tmp, ec);
+  return !ec;
+}
+
+std::optional<std::string> read_entry(const std::filesystem::path& path, const std::string& key) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) return std::nullopt;
+  char magic[8];
+  std::uint64_t klen = 0, plen = 0;
+  if (!in.read(magic, 8) || std::memcmp(magic, kMagic, 8) != 0) return std::nullopt;
+  if (!in.read(reinterpret_cast<char*>(&klen), 8) || klen != key.size()) return std::nullopt;
+  std::string stored(klen, '\0');
+  if (!in.read(stored.data(), static_cast<std::streamsize>(klen)) || stored != key) return std::nullopt;
+  if (!in.read(reinterpret_cast<char*>(&plen), 8) || plen > (1ull << 40)) return std::nullopt;
+  std::string payload(plen, '\0');
+  if (!in.read(payload.data(), static_cast<std::streamsize>(plen))) return std::nullopt;
+  return payload;
+}
+
+template <class T>
+void append(std::string& s, const T* data, std::size_t n) {
+  s.append(reinterpret_cast<const char*>(data), n * sizeof(T));
+}
+
+template <class T>
+bool take(const std::string& s, std::size_t& pos, T* data, std::size_t n) {
+  if (pos + n * sizeof(T) > s.size()) return false;
+  std::memcpy(data, s.data() + pos, n * sizeof(T));
+  pos += n * sizeof(T);
+  return true;
+}
+
+}  // namespace
+
+ArtifactCache::ArtifactCache(std::filesystem::path dir) : dir_(std::move(dir)) {
+  std::filesystem::create_directories(dir_);
+}
+
+std::filesystem::path ArtifactCache::path_of(const std::string& key, const char* kind) const {
+  return dir_ / fmt::format("{}-{}.bin", kind, sha256_hex(key).substr(0, 32));
+}
+
+std::optional<std::vector<int>> ArtifactCache::load_tokens(const std::string& key) const {
+  if (!enabled()) return std::nullopt;
+  auto payload = read_entry(path_of(key, "tokens"), key);
+  if (!payload || payload->size() % sizeof(int) != 0) return std::nullopt;
+  std::vector<int> tokens(payload->size() / sizeof(int));
+  std::memcpy(tokens.data(), payload->data(), payload->size());
+  return tokens;
+}
+
+void ArtifactCache::store_tokens(const std::string& key, const std::vector<int>& tokens) const {
+  if (!enabled()) return;
+  std::string payload;
+  append(payload, tokens.data(), tokens.size());
+  write_entry(path_of(key, "tokens"), key, payload);
+}
+
+std::optional<ModelInputStats> ArtifactCache::load_stats(const std::string& key) const {
+  if (!enabled()) return std::nullopt;
+  auto payload = read_entry(path_of(key, "stats"), key);
+  if (!payload) return std::nullopt;
+  std::size_t pos = 0;
+  std::uint64_t layers = 0;
+  if (!take(*payload, pos, &layers, 1) || layers > 100000) return std::nullopt;
+  ModelInputStats stats(layers);
+  for (auto& layer : stats)
+    for (auto& s : layer) {
+      std::uint64_t n = 0;
+      if (!take(*payload, pos, &n, 1) || n > (1u << 24) || !take(*payload, pos, &s.tokens, 1)) return std::nullopt;
+      s.max_abs.resize(static_cast<Eigen::Index>(n));
+      s.mean_abs.resize(static_cast<Eigen::Index>(n));
+      if (!take(*payload, pos, s.max_abs.data(), n) || !take(*payload, pos, s.mean_abs.data(), n)) return std::nullopt;
+    }
+  if (pos != payload->size()) return std::nullopt;
+  return stats;
+}
+
+void ArtifactCache::store_stats(const std::string& key, const ModelInputStats& stats) const {
+  if (!enabled()) return;
+  std::string payload;
+  const std::uint64_t layers = stats.size();
+  append(payload, &layers, 1);
+  for (const auto& layer : stats)
+    for (const auto& s : layer) {
+      const std::uint64_t n = static_cast<std::uint64_t>(s.max_abs.size());
+      append(payload, &n, 1);
+      append(payload, &s.tokens, 1);
+      append(payload, s.max_abs.data(), n);
+      append(payload, s.mean_abs.data(), n);
+    }
+  write_entry(path_of(key, "stats"), key, payload);
+}
+
+std::string token_stream_key(const std::filesystem::path& tokenizer_model, const std::filesystem::path& text) {
+  return fmt::format("tokens/{}/bos-stream/tokenizer:{}/text:{}", kPerplexityProtocol,
+                     sha256_hex(read_text_file(tokenizer_model)), sha256_hex(read_text_file(text)));
+}
+
+std::string model_key(const std::filesystem::path& dir) {
+  std::string material = read_text_file(dir / "config.json");
+  std::vector<std::filesystem::path> files;
+  for (const auto& f : std::filesystem::directory_iterator(dir))
+    if (f.path().extension() == ".safetensors" || f.path().filename() == "model.safetensors.index.json")
+      files.push_back(f.path());
+  std::sort(files.begin(), files.end());
+  for (const auto& f : files) {
+    std::ifstream in(f, std::ios::binary);
+    std::uint64_t header_len = 0;
+    in.read(reinterpret_cast<char*>(&header_len), 8);
+    std::string header(std::min<std::uint64_t>(header_len, 100ull << 20), '\0');
+    in.read(header.data(), static_cast<std::streamsize>(header.size()));
+    material += fmt::format("|{}|{}|", f.filename().string(), std::filesystem::file_size(f)) + header;
+  }
+  return sha256_hex(material);
+}
+
+}  // namespace ptqlab

@@ -1,0 +1,191 @@
+#include "ptqlab/calibration.hpp"
+
+#include <chrono>
+#include <cmath>
+#include <random>
+
+#include <fmt/format.h>
+
+#include "ptqlab/error.hpp"
+#include "ptqlab/forward.hpp"
+
+namespace ptqlab {
+
+using Eigen::Index;
+
+std::vector<std::vector<int>> draw_calibration_windows(const std::vector<int>& stream, int nsamples, int seq_len,
+                                                       std::uint64_t seed) {
+  if (seq_len < 2) throw Error(fmt::format("calibration seq_len must be at least 2, got {}", seq_len));
+  if (static_cast<long long>(stream.size()) < seq_len)
+    throw Error(fmt::format("the calibration text has {} tokens, fewer than one window of {}", stream.size(), seq_len));
+  std::mt19937_64 rng(seed);
+  std::uniform_int_distribution<std::size_t> start(0, stream.size() - static_cast<std::size_t>(seq_len));
+  std::vector<std::vector<int>> windows(nsamples);
+  for (auto& w : windows) {
+    const std::size_t s = start(rng);
+    w.assign(stream.begin() + static_cast<long>(s), stream.begin() + static_cast<long>(s) + seq_len);
+  }
+  return windows;
+}
+
+namespace {
+
+// Windows are pushed through the layers in batches of about 4096 tokens.
+int windows_per_batch(int seq_len) { return std::max(1, 4096 / seq_len); }
+
+class StatsObserver : public ForwardObserver {
+ public:
+  explicit StatsObserver(ModelInputStats& stats) : stats_(stats) {}
+  void on_linear_input(int layer, LinearInput which, const Matrix& x, BatchShape) override {
+    auto& s = stats_[layer][static_cast<int>(which)];
+    if (s.tokens == 0) {
+      s.max_abs = Eigen::VectorXf::Zero(x.cols());
+      s.mean_abs = Eigen::VectorXf::Zero(x.cols());  // holds the sum until finished
+    }
+    s.max_abs = s.max_abs.cwiseMax(x.cwiseAbs().colwise().maxCoeff().transpose());
+    s.mean_abs += x.cwiseAbs().colwise().sum().transpose();
+    s.tokens += x.rows();
+  }
+
+ private:
+  ModelInputStats& stats_;
+};
+
+// Accumulates Σ XᵀX of the four inputs of one layer (float GEMM per batch, double across batches).
+class HessianObserver : public ForwardObserver {
+ public:
+  std::array<Eigen::MatrixXd, 4> sum;
+  std::int64_t tokens = 0;
+
+  void on_linear_input(int, LinearInput which, const Matrix& x, BatchShape) override {
+    auto& h = sum[static_cast<int>(which)];
+    if (h.size() == 0) h = Eigen::MatrixXd::Zero(x.cols(), x.cols());
+    Eigen::MatrixXf xtx(x.cols(), x.cols());
+    xtx.noalias() = x.transpose() * x;
+    h += xtx.cast<double>();
+    if (which == LinearInput::attn_in) tokens += x.rows();
+  }
+};
+
+std::vector<int> flatten(const std::vector<std::vector<int>>& windows, std::size_t first, std::size_t n) {
+  std::vector<int> out;
+  for (std::size_t i = first; i < first + n; ++i) out.insert(out.end(), windows[i].begin(), windows[i].end());
+  return out;
+}
+
+bool all_finite(const Matrix& m) { return m.allFinite(); }
+
+// ||X Dᵀ||_F / ||X Wᵀ||_F from H ∝ XᵀX: sqrt(tr(D H Dᵀ) / tr(W H Wᵀ)).
+double relative_output_error(const Matrix& w, const Matrix& wq, const Eigen::MatrixXd& h) {
+  const Eigen::MatrixXd wd = w.cast<double>();
+  const Eigen::MatrixXd d = wq.cast<double>() - wd;
+  const double num = ((d * h).cwiseProduct(d)).sum();
+  const double den = ((wd * h).cwiseProduct(wd)).sum();
+  return den > 0 ? std::sqrt(std::max(0.0, num) / den) : 0.0;
+}
+
+}  // namespace
+
+ModelInputStats collect_input_stats(const LlamaModel& model, const std::vector<std::vector<int>>& windows) {
+  ModelInputStats stats(model.config.num_layers);
+  if (windows.empty()) return stats;
+  const int seq_len = static_cast<int>(windows[0].size());
+  const int per_batch = windows_per_batch(seq_len);
+  StatsObserver observer(stats);
+  for (std::size_t first = 0; first < windows.size(); first += per_batch) {
+    const auto n = std::min<std::size_t>(per_batch, windows.size() - first);
+    const auto tokens = flatten(windows, first, n);
+    Matrix hidden = embed_tokens(model, tokens);
+    const RopeTable rope(model.config.head_dim, model.config.rope_theta, seq_len);
+    for (int l = 0; l < model.config.num_layers; ++l)
+      decoder_layer_forward(model.config, model.layers[l], rope, BatchShape{static_cast<int>(n), seq_len}, hidden, l,
+                            &observer);
+  }
+  for (auto& layer : stats)
+    for (auto& s : layer)
+      if (s.tokens > 0) s.mean_abs /= static_cast<float>(s.tokens);
+  return stats;
+}
+
+std::vector<LinearRecord> quantize_layerwise(LlamaModel& model, const std::vector<std::vector<int>>& windows,
+                                             const LayerwiseOptions& options) {
+  if (options.quantizer == nullptr) throw std::logic_error("quantize_layerwise: no quantizer");
+  if (windows.empty()) throw Error("quantization needs calibration windows (calibration.nsamples >= 1)");
+  const auto& c = model.config;
+  const int seq_len = static_cast<int>(windows[0].size());
+  const int per_batch = windows_per_batch(seq_len);
+  const RopeTable rope(c.head_dim, c.rope_theta, seq_len);
+
+  // The calibration stream, batch by batch: hidden states entering the current layer.
+  struct Batch {
+    Matrix hidden;
+    BatchShape shape;
+  };
+  std::vector<Batch> batches;
+  for (std::size_t first = 0; first < windows.size(); first += per_batch) {
+    const auto n = std::min<std::size_t>(per_batch, windows.size() - first);
+    batches.push_back({embed_tokens(model, flatten(windows, first, n)), BatchShape{static_cast<int>(n), seq_len}});
+  }
+
+  std::vector<LinearRecord> records;
+  for (int l = 0; l < c.num_layers; ++l) {
+    if (options.on_layer) options.on_layer(l, c.num_layers);
+    auto& layer = model.layers[l];
+
+    // 1. Hessians of the inputs the FP layer sees on the quantized stream.
+    HessianObserver hess;
+    for (const auto& b : batches) {
+      Matrix h = b.hidden;
+      decoder_layer_forward(c, layer, rope, b.shape, h, l, &hess);
+    }
+    for (auto& h : hess.sum) h *= 2.0 / static_cast<double>(hess.tokens);
+
+    // 2. Quantize each linear with its own Hessian.
+    for (const Linear which : kAllLinears) {
+      const auto input = static_cast<int>(input_of(which));
+      Matrix& w = layer.linear(which);
+      const Matrix original = w;
+      LinearContext ctx;
+      ctx.config = &c;
+      ctx.layer = l;
+      ctx.which = which;
+      ctx.seed = options.seed;
+      ctx.log = options.log;
+      ctx.log_prefix = fmt::format("layer{}/{}", l, linear_name(which));
+      ctx.hessian = [&hess, input]() -> const Eigen::MatrixXd& { return hess.sum[input]; };
+      ctx.input_stats = [&options, l, input, which]() -> const InputStats& {
+        if (options.input_stats == nullptr || options.input_stats->empty())
+          throw Error(fmt::format("layer {} {}: input statistics were not collected", l, linear_name(which)));
+        return (*options.input_stats)[l][input];
+      };
+      SalientMask mask;
+      if (options.mask != nullptr) {
+        mask = options.mask->select(ctx, w);
+        ctx.mask = &mask;
+      }
+      const auto t0 = std::chrono::steady_clock::now();
+      LinearRecord rec;
+      rec.bits = options.quantizer->quantize_linear(ctx, w);
+      rec.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+      if (!all_finite(w))
+        throw Error(fmt::format("layer {} {}: the quantizer produced non-finite weights", l, linear_name(which)));
+      rec.bits.masks += options.mask != nullptr ? mask.storage_bits : 0.0;
+      rec.layer = l;
+      rec.linear = linear_name(which);
+      const double norm = original.norm();
+      rec.weight_error = norm > 0 ? (w - original).norm() / norm : 0.0;
+      rec.output_error = relative_output_error(original, w, hess.sum[input]);
+      records.push_back(rec);
+    }
+
+    // 3. The quantized layer produces the next layer's inputs.
+    for (auto& b : batches) {
+      decoder_layer_forward(c, layer, rope, b.shape, b.hidden);
+      if (!all_finite(b.hidden))
+        throw Error(fmt::format("layer {}: non-finite activations after quantization", l));
+    }
+  }
+  return records;
+}
+
+}  // namespace ptqlab

@@ -1,0 +1,460 @@
+#include "ptqlab/runner.hpp"
+
+#include <fnmatch.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <ctime>
+#include <map>
+#include <mutex>
+#include <set>
+
+#include <fmt/format.h>
+#include <fmt/ranges.h>
+#include <tbb/parallel_for.h>
+#include <tbb/task_arena.h>
+
+#include "ptqlab/artifact_cache.hpp"
+#include "ptqlab/build_info.hpp"
+#include "ptqlab/calibration.hpp"
+#include "ptqlab/error.hpp"
+#include "ptqlab/forward.hpp"
+#include "ptqlab/perplexity.hpp"
+#include "ptqlab/plugin.hpp"
+#include "ptqlab/progress.hpp"
+#include "ptqlab/text_file.hpp"
+#include "ptqlab/tokenizer.hpp"
+
+namespace ptqlab {
+
+int RunReport::failed() const {
+  int n = 0;
+  for (const auto& a : arms) n += a.status == ArmOutcome::Status::failed;
+  return n;
+}
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+std::string utc_now() {
+  const std::time_t t = std::time(nullptr);
+  std::tm tm{};
+  ::gmtime_r(&t, &tm);
+  char buf[32];
+  std::strftime(buf, sizeof buf, "%Y-%m-%dT%H:%M:%SZ", &tm);
+  return buf;
+}
+
+std::string host_name() {
+  char buf[256] = {0};
+  return ::gethostname(buf, sizeof buf - 1) == 0 ? std::string(buf) : std::string("unknown");
+}
+
+double seconds_since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
+
+// Progress of a run: on a terminal a status line (arms done, ETA, what each running arm does)
+// redrawn in place with finished steps printed above it; otherwise one line per finished step.
+class RunMonitor {
+ public:
+  RunMonitor(int total) : total_(total), start_(Clock::now()), interactive_(::isatty(STDOUT_FILENO) == 1) {}
+
+  void stage(const std::string& arm, std::string what) {
+    std::lock_guard lock(mutex_);
+    stages_[arm] = std::move(what);
+    redraw();
+  }
+  void step(const std::string& arm, const std::string& line) {
+    std::lock_guard lock(mutex_);
+    clear();
+    std::printf("[%s] %s\n", arm.c_str(), line.c_str());
+    redraw();
+    std::fflush(stdout);
+  }
+  void arm_finished(const std::string& arm) {
+    std::lock_guard lock(mutex_);
+    stages_.erase(arm);
+    ++done_;
+    redraw();
+  }
+  void finish() {
+    std::lock_guard lock(mutex_);
+    clear();
+    std::fflush(stdout);
+  }
+
+ private:
+  void clear() {
+    if (interactive_ && drawn_) std::printf("\r\033[K");
+    drawn_ = false;
+  }
+  void redraw() {
+    if (!interactive_) return;
+    const double elapsed = seconds_since(start_);
+    const std::string eta = done_ > 0 ? format_duration(elapsed / done_ * (total_ - done_)) : std::string("?");
+    std::string line = fmt::format("[{}/{} arms, {} elapsed, ETA {}]", done_, total_, format_duration(elapsed), eta);
+    for (const auto& [arm, what] : stages_) line += fmt::format("  {}: {}", arm, what);
+    if (line.size() > 200) line = line.substr(0, 197) + "...";
+    std::printf("\r\033[K%s", line.c_str());
+    std::fflush(stdout);
+    drawn_ = true;
+  }
+
+  int total_;
+  int done_ = 0;
+  Clock::time_point start_;
+  bool interactive_;
+  bool drawn_ = false;
+  std::mutex mutex_;
+  std::map<std::string, std::string> stages_;
+};
+
+// Collects logged tensors and series into the arm's result.
+class ArmLog : public TensorLog {
+ public:
+  ArmLog(bool tensors_enabled, ArmResult& result) : enabled_(tensors_enabled), result_(result) {}
+  bool enabled() const override { return enabled_; }
+  void tensor(const std::string& path, const Matrix& value) override {
+    if (!enabled_) return;
+    std::lock_guard lock(mutex_);
+    LoggedTensor t;
+    t.path = path;
+    t.shape = {value.rows(), value.cols()};
+    t.data.assign(value.data(), value.data() + value.size());
+    result_.tensors.push_back(std::move(t));
+  }
+  void series(const std::string& path, std::vector<double> values) override {
+    std::lock_guard lock(mutex_);
+    result_.series.push_back({path, std::move(values)});
+  }
+
+ private:
+  bool enabled_;
+  ArmResult& result_;
+  std::mutex mutex_;
+};
+
+struct ArmComponents {
+  std::vector<std::shared_ptr<Preprocessor>> preprocessors;
+  std::shared_ptr<Mask> mask;
+  std::shared_ptr<Quantizer> quantizer;
+};
+
+// What every arm reads and nobody writes: computed once before the arms start.
+struct SharedArtifacts {
+  LlamaModel model;
+  std::unique_ptr<Tokenizer> tokenizer;
+  std::vector<std::vector<int>> calibration;
+  std::map<std::filesystem::path, std::vector<int>> streams;  // dataset file -> BOS + ids
+  ModelInputStats input_stats;                                // empty unless a component needs it
+};
+
+std::vector<int> tokenize_file(const std::filesystem::path& text, const Tokenizer& tok, int bos,
+                               const std::filesystem::path& tokenizer_model, const ArtifactCache& cache) {
+  const auto key = cache.enabled() ? token_stream_key(tokenizer_model, text) : std::string();
+  if (cache.enabled())
+    if (auto hit = cache.load_tokens(key)) return *hit;
+  auto stream = perplexity_stream(tok, read_text_file(text), bos);
+  cache.store_tokens(key, stream);
+  return stream;
+}
+
+}  // namespace
+
+RunReport run_experiment(const Experiment& exp, const PluginRegistry& registry, const RunOptions& options) {
+  const auto run_start = Clock::now();
+  if (options.jobs < 1) throw Error(fmt::format("--jobs must be at least 1, got {}", options.jobs));
+
+  // 1. Which arms, and which of them are already done.
+  std::vector<const ArmSpec*> selected;
+  for (const auto& arm : exp.arms)
+    if (::fnmatch(options.arms_glob.c_str(), arm.name.c_str(), 0) == 0) selected.push_back(&arm);
+  if (selected.empty()) {
+    std::vector<std::string> names;
+    for (const auto& a : exp.arms) names.push_back(a.name);
+    throw Error(fmt::format("--arms '{}' matches no arm of {} (arms: {})", options.arms_glob, exp.file.string(),
+                            fmt::join(names, ", ")));
+  }
+  std::filesystem::create_directories(options.out_dir);
+
+  RunReport report;
+  std::vector<const ArmSpec*> todo;
+  std::vector<std::string> conflicts;
+  for (const ArmSpec* arm : selected) {
+    const auto file = options.out_dir / (arm->name + ".h5");
+    if (!options.force && std::filesystem::exists(file)) {
+      const auto hash = read_config_hash(file);
+      if (hash && *hash == arm->config_hash) {
+        ArmOutcome skipped{arm->name, ArmOutcome::Status::skipped, "result exists with the same config", file, {}};
+        bool readable = true;
+        try {
+          skipped.result = read_arm_result(file);
+        } catch (const Error&) {
+          readable = false;  // not a complete result: recompute it
+        }
+        if (readable && skipped.result.status == "ok") {
+          report.arms.push_back(std::move(skipped));
+          continue;
+        }
+      } else if (hash) {
+        conflicts.push_back(file.string());
+      }
+    }
+    todo.push_back(arm);
+  }
+  if (!conflicts.empty())
+    throw Error(fmt::format("{} already hold results of a different configuration (config hash differs); rerun with "
+                            "--force to recompute them, or choose another --out",
+                            fmt::join(conflicts, ", ")));
+
+  RunMonitor monitor(static_cast<int>(todo.size()));
+  if (todo.empty()) {
+    report.seconds = seconds_since(run_start);
+    return report;
+  }
+
+  // 2. Components (validated already; a factory may still refuse) and shared artifacts.
+  std::vector<ArmComponents> components(todo.size());
+  bool need_stats = false;
+  for (std::size_t i = 0; i < todo.size(); ++i) {
+    const ArmSpec& arm = *todo[i];
+    auto& c = components[i];
+    for (const auto& p : arm.preprocessors) c.preprocessors.push_back(registry.make_preprocessor(p.name, p.params));
+    if (arm.mask) c.mask = registry.make_mask(arm.mask->name, arm.mask->params);
+    c.quantizer = registry.make_quantizer(arm.quantizer.name, arm.quantizer.params);
+    need_stats = need_stats || c.quantizer->needs_input_stats() || (c.mask && c.mask->needs_input_stats());
+  }
+  std::vector<std::shared_ptr<Evaluator>> evaluators;
+  for (const auto& e : exp.evaluators) evaluators.push_back(registry.make_evaluator(e.evaluator.name, e.evaluator.params));
+
+  const ArtifactCache cache = options.cache_dir.empty() ? ArtifactCache() : ArtifactCache(options.cache_dir);
+  SharedArtifacts shared;
+  monitor.stage("shared", "loading model");
+  shared.model = load_model(exp.model_dir);
+  const auto tokenizer_path = exp.model_dir / "tokenizer.model";
+  shared.tokenizer = std::make_unique<Tokenizer>(tokenizer_path);
+  {
+    std::vector<std::filesystem::path> texts = {exp.calibration.text};
+    for (const auto& e : exp.evaluators)
+      for (const auto& d : e.datasets) texts.push_back(d.file);
+    std::sort(texts.begin(), texts.end());
+    texts.erase(std::unique(texts.begin(), texts.end()), texts.end());
+    std::vector<std::vector<int>> streams(texts.size());
+    monitor.stage("shared", fmt::format("tokenizing {} text files", texts.size()));
+    const auto t0 = Clock::now();
+    tbb::task_arena arena(options.jobs);
+    arena.execute([&] {
+      tbb::parallel_for(std::size_t{0}, texts.size(), [&](std::size_t i) {
+        streams[i] = tokenize_file(texts[i], *shared.tokenizer, shared.model.config.bos_token_id, tokenizer_path, cache);
+      });
+    });
+    for (std::size_t i = 0; i < texts.size(); ++i) shared.streams[texts[i]] = std::move(streams[i]);
+    monitor.step("shared", fmt::format("tokenized {} text files in {:.2f}s", texts.size(), seconds_since(t0)));
+  }
+  const int calib_len = exp.calibration.seq_len > 0 ? exp.calibration.seq_len : shared.model.config.max_position_embeddings;
+  shared.calibration = draw_calibration_windows(shared.streams.at(exp.calibration.text), exp.calibration.nsamples,
+                                                calib_len, exp.calibration.seed);
+  if (need_stats) {
+    const auto t0 = Clock::now();
+    std::string key;
+    if (cache.enabled()) {
+      std::string material = model_key(exp.model_dir);
+      for (const auto& w : shared.calibration) material += sha256_hex(std::string(reinterpret_cast<const char*>(w.data()), w.size() * sizeof(int)));
+      key = "input-stats/v1/" + sha256_hex(material);
+      if (auto hit = cache.load_stats(key)) shared.input_stats = std::move(*hit);
+    }
+    if (shared.input_stats.empty()) {
+      monitor.stage("shared", "FP calibration pass (input statistics)");
+      tbb::task_arena arena(options.jobs);
+      arena.execute([&] { shared.input_stats = collect_input_stats(shared.model, shared.calibration); });
+      cache.store_stats(key, shared.input_stats);
+    }
+    monitor.step("shared", fmt::format("FP input statistics ready in {:.2f}s", seconds_since(t0)));
+  }
+  std::vector<std::int32_t> calibration_tokens;
+  for (const auto& w : shared.calibration) calibration_tokens.insert(calibration_tokens.end(), w.begin(), w.end());
+
+  // 3. The arms, in parallel. Each arm's result goes to the single writer thread.
+  ResultWriter writer;
+  std::vector<ArmOutcome> outcomes(todo.size());
+  auto provenance_base = [&] {
+    Provenance p;
+    p.ptqlab_version = version();
+    p.git_revision = git_revision();
+    p.library_versions = library_versions();
+    p.library_versions["hdf5"] = hdf5_version();
+    p.host = host_name();
+    p.seeds = {{"experiment", static_cast<std::int64_t>(exp.seed)},
+               {"calibration", static_cast<std::int64_t>(exp.calibration.seed)}};
+    return p;
+  }();
+
+  auto run_arm = [&](std::size_t i) {
+    const ArmSpec& arm = *todo[i];
+    const auto& comp = components[i];
+    const auto t0 = Clock::now();
+    ArmOutcome& out = outcomes[i];
+    out.arm = arm.name;
+    out.file = options.out_dir / (arm.name + ".h5");
+    ArmResult& r = out.result;
+    r.arm = arm.name;
+    r.experiment = exp.name;
+    r.config_yaml = arm.resolved_yaml;
+    r.config_hash = arm.config_hash;
+    r.provenance = provenance_base;
+    r.provenance.start_time = utc_now();
+    r.calibration_tokens = calibration_tokens;
+    r.calibration_nsamples = static_cast<int>(shared.calibration.size());
+    r.calibration_seq_len = calib_len;
+    ArmLog log(exp.log_tensors, r);
+    try {
+      LlamaModel model = shared.model;  // each arm quantizes its own copy
+      auto quantize = [&](LlamaModel& m) {
+        LayerwiseOptions lo;
+        lo.quantizer = comp.quantizer.get();
+        lo.mask = comp.mask.get();
+        lo.input_stats = &shared.input_stats;
+        lo.log = &log;
+        lo.seed = exp.seed;
+        lo.on_layer = [&](int l, int n) { monitor.stage(arm.name, fmt::format("quantize layer {}/{}", l + 1, n)); };
+        return quantize_layerwise(m, shared.calibration, lo);
+      };
+      for (std::size_t p = 0; p < comp.preprocessors.size(); ++p) {
+        monitor.stage(arm.name, fmt::format("preprocess {}", arm.preprocessors[p].name));
+        PreprocessContext pc;
+        pc.tokenizer = shared.tokenizer.get();
+        pc.quantize = [&](LlamaModel& m) { quantize(m); };
+        pc.calibration = &shared.calibration;
+        pc.seed = exp.seed;
+        pc.log = &log;
+        const auto tp = Clock::now();
+        comp.preprocessors[p]->apply(pc, model);
+        monitor.step(arm.name, fmt::format("preprocess {} done in {:.2f}s", arm.preprocessors[p].name, seconds_since(tp)));
+      }
+      const auto tq = Clock::now();
+      r.linears = quantize(model);
+      for (const auto& l : r.linears) r.total_bits += l.bits;
+      monitor.step(arm.name, fmt::format("quantized {} linears with {} in {:.2f}s: {:.3f} bits/weight (paper), {:.3f} (all-in)",
+                                         r.linears.size(), arm.quantizer.name, seconds_since(tq),
+                                         r.total_bits.paper_per_weight(), r.total_bits.all_in_per_weight()));
+      for (std::size_t e = 0; e < exp.evaluators.size(); ++e) {
+        const auto& spec = exp.evaluators[e];
+        for (const auto& d : spec.datasets) {
+          monitor.stage(arm.name, fmt::format("{} {}", spec.evaluator.name, d.name));
+          EvalContext ec;
+          ec.dataset = d.name;
+          ec.file = d.file;
+          const auto* stream = &shared.streams.at(d.file);
+          ec.tokens = [stream]() -> const std::vector<int>& { return *stream; };
+          ec.reference = &shared.model;
+          const auto te = Clock::now();
+          auto metrics = evaluators[e]->evaluate(ec, model);
+          std::string shown;
+          for (const auto& [k, v] : metrics)
+            if (k == "ppl") shown = fmt::format("ppl {:.4f}", v);
+          monitor.step(arm.name, fmt::format("{} {}: {} ({:.2f}s)", spec.evaluator.name, d.name,
+                                             shown.empty() ? std::string("done") : shown, seconds_since(te)));
+          r.metrics[spec.evaluator.name][d.name] = std::move(metrics);
+        }
+      }
+      out.status = ArmOutcome::Status::completed;
+    } catch (const std::exception& e) {
+      // The arm failed (bad numerics, a plugin's error): record it; the other arms go on.
+      r.status = "failed";
+      r.failure = e.what();
+      out.status = ArmOutcome::Status::failed;
+      out.message = e.what();
+      monitor.step(arm.name, fmt::format("FAILED: {}", e.what()));
+    }
+    r.seconds = seconds_since(t0);
+    r.provenance.end_time = utc_now();
+    monitor.stage(arm.name, "writing results");
+    try {
+      writer.submit(out.file, r).get();
+      if (out.status == ArmOutcome::Status::completed)
+        monitor.step(arm.name, fmt::format("done in {:.2f}s -> {}", r.seconds, out.file.string()));
+    } catch (const std::exception& e) {
+      out.status = ArmOutcome::Status::failed;
+      out.message = e.what();
+      monitor.step(arm.name, fmt::format("FAILED to write results: {}", e.what()));
+    }
+    monitor.arm_finished(arm.name);
+  };
+
+  tbb::task_arena arena(options.jobs);
+  arena.execute([&] {
+    tbb::parallel_for(tbb::blocked_range<std::size_t>(0, todo.size(), 1),
+                      [&](const tbb::blocked_range<std::size_t>& range) {
+                        for (std::size_t i = range.begin(); i < range.end(); ++i) run_arm(i);
+                      },
+                      tbb::simple_partitioner());
+  });
+  monitor.finish();
+
+  // Report in the experiment's arm order.
+  for (auto& o : outcomes) report.arms.push_back(std::move(o));
+  std::map<std::string, std::size_t> order;
+  for (std::size_t i = 0; i < exp.arms.size(); ++i) order[exp.arms[i].name] = i;
+  std::stable_sort(report.arms.begin(), report.arms.end(),
+                   [&](const ArmOutcome& a, const ArmOutcome& b) { return order[a.arm] < order[b.arm]; });
+  report.seconds = seconds_since(run_start);
+  return report;
+}
+
+std::string format_results_table(const RunReport& report) {
+  // Columns: every (evaluator, dataset) that has a "ppl" (or else its first metric).
+  std::vector<std::pair<std::string, std::string>> columns;
+  std::set<std::pair<std::string, std::string>> seen;
+  for (const auto& a : report.arms)
+    for (const auto& [ev, datasets] : a.result.metrics)
+      for (const auto& [ds, metrics] : datasets)
+        if (seen.insert({ev, ds}).second) columns.push_back({ev, ds});
+
+  auto metric_of = [](const std::map<std::string, double>& m) {
+    auto it = m.find("ppl");
+    return it != m.end() ? it->second : (m.empty() ? std::nan("") : m.begin()->second);
+  };
+  std::vector<std::vector<std::string>> rows;
+  std::vector<std::string> header = {"arm", "status", "bits (paper)", "bits (all-in)"};
+  for (const auto& [ev, ds] : columns) header.push_back(ev == "perplexity" ? ds + " ppl" : ev + "/" + ds);
+  header.push_back("time");
+  rows.push_back(header);
+  for (const auto& a : report.arms) {
+    const auto& r = a.result;
+    const char* status = a.status == ArmOutcome::Status::completed ? "done"
+                         : a.status == ArmOutcome::Status::skipped ? "cached"
+                                                                   : "FAILED";
+    std::vector<std::string> row = {a.arm, status, fmt::format("{:.3f}", r.total_bits.paper_per_weight()),
+                                    fmt::format("{:.3f}", r.total_bits.all_in_per_weight())};
+    for (const auto& [ev, ds] : columns) {
+      auto e = r.metrics.find(ev);
+      if (e == r.metrics.end() || e->second.find(ds) == e->second.end()) {
+        row.push_back("-");
+        continue;
+      }
+      const double v = metric_of(e->second.at(ds));
+      row.push_back(std::isfinite(v) ? fmt::format("{:.4f}", v) : "NaN");
+    }
+    row.push_back(format_duration(r.seconds));
+    rows.push_back(row);
+  }
+  std::vector<std::size_t> width(header.size(), 0);
+  for (const auto& row : rows)
+    for (std::size_t i = 0; i < row.size(); ++i) width[i] = std::max(width[i], row[i].size());
+  std::string out;
+  for (std::size_t r = 0; r < rows.size(); ++r) {
+    for (std::size_t i = 0; i < rows[r].size(); ++i)
+      out += i == 0 ? fmt::format("{:<{}}", rows[r][i], width[i]) : fmt::format("  {:>{}}", rows[r][i], width[i]);
+    out += "\n";
+    if (r == 0) {
+      std::size_t total = 0;
+      for (auto w : width) total += w + 2;
+      out += std::string(total - 2, '-') + "\n";
+    }
+  }
+  return out;
+}
+
+}  // namespace ptqlab

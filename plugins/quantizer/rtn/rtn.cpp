@@ -1,0 +1,85 @@
+// Quantizer "rtn": round-to-nearest onto a uniform grid, per output row or per group of input
+// columns. The grid is GPTQ's Quantizer.find_params (baselines.md §1.5), the RTN rows of the GPTQ,
+// BiLLM and PB-LLM papers:
+//   asymmetric: range [min(0, min w), max(0, max w)] (or [-1, 1] if both are 0),
+//               scale = (hi - lo) / (2^b - 1), zero = round(-lo / scale)
+//   symmetric:  hi = max(|lo|, hi), lo = -hi (when lo < 0), zero = (2^b - 1 + 1) / 2
+//   q = scale * (clamp(round(w / scale) + zero, 0, 2^b - 1) - zero), round half to even.
+#include <cmath>
+
+#include "ptqlab/plugin.hpp"
+
+namespace {
+
+using ptqlab::Matrix;
+
+class RoundToNearest : public ptqlab::Quantizer {
+ public:
+  explicit RoundToNearest(const ptqlab::Params& p)
+      : bits_(static_cast<int>(p.get_int("bits"))),
+        group_size_(p.get_int("group_size")),
+        symmetric_(p.get_bool("symmetric")) {}
+
+  ptqlab::BitCount quantize_linear(const ptqlab::LinearContext&, Matrix& w) override {
+    const Eigen::Index cols = w.cols();
+    const Eigen::Index group = group_size_ > 0 ? std::min<Eigen::Index>(group_size_, cols) : cols;
+    const double maxq = std::ldexp(1.0, bits_) - 1.0;
+    std::int64_t groups = 0;
+    for (Eigen::Index r = 0; r < w.rows(); ++r) {
+      for (Eigen::Index c0 = 0; c0 < cols; c0 += group) {
+        const Eigen::Index n = std::min(group, cols - c0);
+        auto g = w.row(r).segment(c0, n);
+        quantize_group(g, maxq);
+        ++groups;
+      }
+    }
+    ptqlab::BitCount b;
+    b.weights = w.size();
+    b.payload = static_cast<double>(bits_) * static_cast<double>(w.size());
+    b.scales = 16.0 * static_cast<double>(groups);                       // FP16 scale per group
+    b.zeros = symmetric_ ? 0.0 : static_cast<double>(bits_) * groups;  // b-bit integer zero point
+    b.paper = b.payload;                                                // papers quote "W<b>"
+    return b;
+  }
+
+ private:
+  template <class Segment>
+  void quantize_group(Segment&& g, double maxq) const {
+    double lo = std::min(0.0, static_cast<double>(g.minCoeff()));
+    double hi = std::max(0.0, static_cast<double>(g.maxCoeff()));
+    if (symmetric_) {
+      hi = std::max(-lo, hi);
+      if (lo < 0) lo = -hi;
+    }
+    if (lo == 0.0 && hi == 0.0) {
+      lo = -1.0;
+      hi = 1.0;
+    }
+    // GPTQ computes the grid in float32; so do we, so that ties round the same way.
+    const float scale = static_cast<float>((hi - lo) / maxq);
+    const float zero = symmetric_ ? static_cast<float>((maxq + 1.0) / 2.0) : std::nearbyint(static_cast<float>(-lo) / scale);
+    for (Eigen::Index i = 0; i < g.size(); ++i) {
+      const float q = std::clamp(std::nearbyint(g(i) / scale) + zero, 0.0f, static_cast<float>(maxq));
+      g(i) = scale * (q - zero);
+    }
+  }
+
+  int bits_;
+  std::int64_t group_size_;
+  bool symmetric_;
+};
+
+}  // namespace
+
+PTQLAB_PLUGIN(registrar) {
+  ptqlab::ComponentSchema schema;
+  schema.name = "rtn";
+  schema.description = "round-to-nearest uniform quantization, per output row or per group (GPTQ's grid)";
+  schema.params = {
+      {"bits", ptqlab::ParamType::integer, std::int64_t{4}, "bits per weight", 1.0, 16.0, {}},
+      {"group_size", ptqlab::ParamType::integer, std::int64_t{-1},
+       "input columns sharing one scale/zero; -1: the whole row (per-channel)", -1.0, 1048576.0, {}},
+      {"symmetric", ptqlab::ParamType::boolean, false, "symmetric grid with a fixed zero point", {}, {}, {}},
+  };
+  registrar->add_quantizer(schema, [](const ptqlab::Params& p) { return std::make_unique<RoundToNearest>(p); });
+}
