@@ -1,0 +1,64 @@
+// A plugin built outside plugins/ (tests/plugins), loaded from its own directory by the tests.
+// Quantizer "test-scale" multiplies weights by `factor`; it counts live instances so the test can
+// check the library stays loaded while an object lives.
+#include <limits>
+
+#include "ptqlab/plugin.hpp"
+
+namespace {
+
+int live = 0;
+
+class ScaleQuantizer : public ptqlab::Quantizer {
+ public:
+  explicit ScaleQuantizer(const ptqlab::Params& p) : factor_(static_cast<float>(p.get_real("factor"))) { ++live; }
+  ~ScaleQuantizer() override { --live; }
+  ptqlab::BitCount quantize_linear(const ptqlab::LinearContext&, ptqlab::Matrix& w) override {
+    w *= factor_;
+    ptqlab::BitCount b;
+    b.weights = w.size();
+    b.payload = 32.0 * w.size();
+    b.paper = b.payload;
+    return b;
+  }
+
+ private:
+  float factor_;
+};
+
+// Produces NaN weights: the runner must record the arm as failed and go on with the others.
+class NanQuantizer : public ptqlab::Quantizer {
+ public:
+  ptqlab::BitCount quantize_linear(const ptqlab::LinearContext&, ptqlab::Matrix& w) override {
+    w(0, 0) = std::numeric_limits<float>::quiet_NaN();
+    return {};
+  }
+};
+
+class ConstantEvaluator : public ptqlab::Evaluator {
+ public:
+  std::map<std::string, double> evaluate(const ptqlab::EvalContext& ctx, const ptqlab::LlamaModel&) override {
+    return {{"tokens", static_cast<double>(ctx.tokens().size())}, {"live_quantizers", static_cast<double>(live)}};
+  }
+};
+
+}  // namespace
+
+extern "C" __attribute__((visibility("default"))) int test_plugin_live_count() { return live; }
+
+PTQLAB_PLUGIN(registrar) {
+  ptqlab::ComponentSchema q;
+  q.name = "test-scale";
+  q.description = "test: multiplies weights by a factor";
+  q.params = {{"factor", ptqlab::ParamType::real, 1.0, "multiplier", 0.0, 10.0, {}},
+              {"mode", ptqlab::ParamType::string, std::string("plain"), "a string choice", {}, {}, {"plain", "fancy"}}};
+  registrar->add_quantizer(q, [](const ptqlab::Params& p) { return std::make_unique<ScaleQuantizer>(p); });
+  ptqlab::ComponentSchema nan;
+  nan.name = "test-nan";
+  nan.description = "test: writes a NaN weight";
+  registrar->add_quantizer(nan, [](const ptqlab::Params&) { return std::make_unique<NanQuantizer>(); });
+  ptqlab::ComponentSchema e;
+  e.name = "test-count";
+  e.description = "test: counts tokens";
+  registrar->add_evaluator(e, [](const ptqlab::Params&) { return std::make_unique<ConstantEvaluator>(); });
+}

@@ -1,0 +1,220 @@
+// Plugin loading: built-in plugins, a plugin built separately, ABI and build-id mismatches,
+// non-plugins, duplicate names, library lifetime, and the exact arithmetic of rtn and sign.
+#include <dlfcn.h>
+#include <gtest/gtest.h>
+
+#include <nlohmann/json.hpp>
+
+#include "ptqlab/error.hpp"
+#include "ptqlab/plugin.hpp"
+#include "test_support.hpp"
+
+namespace ptqlab {
+namespace {
+
+std::filesystem::path test_plugins(const std::string& dir) { return std::filesystem::path(PTQLAB_TEST_PLUGINS) / dir; }
+
+std::string error_of(const std::function<void()>& f) {
+  try {
+    f();
+  } catch (const Error& e) {
+    return e.what();
+  }
+  return "(no error)";
+}
+
+TEST(Plugins, BuiltinsLoadFromTheBuildDirectory) {
+  PluginRegistry r;
+  const auto dir = PluginRegistry::default_plugin_dir();
+  ASSERT_FALSE(dir.empty());
+  r.add_search_path(dir);
+  for (const char* q : {"fp", "rtn", "sign"}) EXPECT_NE(r.find(ComponentKind::quantizer, q), nullptr) << q;
+  EXPECT_NE(r.find(ComponentKind::evaluator, "perplexity"), nullptr);
+  const auto* rtn = r.find(ComponentKind::quantizer, "rtn");
+  ASSERT_NE(rtn->find("bits"), nullptr);
+  EXPECT_EQ(std::get<std::int64_t>(rtn->find("bits")->default_value), 4);
+  EXPECT_EQ(r.library_of(ComponentKind::quantizer, "rtn").filename(), "quantizer-rtn.so");
+}
+
+TEST(Plugins, SeparatelyBuiltPluginIsFoundAndUsed) {
+  PluginRegistry r;
+  r.add_search_path(test_plugins("good"));
+  const auto* schema = r.find(ComponentKind::quantizer, "test-scale");
+  ASSERT_NE(schema, nullptr);
+  EXPECT_EQ(schema->description, "test: multiplies weights by a factor");
+  auto q = r.make_quantizer("test-scale", Params::resolve(*schema, {{"factor", 2.5}}));
+  Matrix w = Matrix::Ones(2, 3);
+  LinearContext ctx;
+  const auto bits = q->quantize_linear(ctx, w);
+  EXPECT_FLOAT_EQ(w(1, 2), 2.5f);
+  EXPECT_EQ(bits.weights, 6);
+  EXPECT_NE(r.find(ComponentKind::evaluator, "test-count"), nullptr);
+}
+
+TEST(Plugins, LibraryStaysLoadedWhileAnObjectLives) {
+  const auto lib = std::filesystem::canonical(test_plugins("good") / "test_good.so");
+  std::shared_ptr<Quantizer> q;
+  {
+    PluginRegistry r;
+    r.add_search_path(test_plugins("good"));
+    q = r.make_quantizer("test-scale", Params::resolve(*r.find(ComponentKind::quantizer, "test-scale"), {}));
+  }  // the registry is gone; the object must still work
+  void* h = ::dlopen(lib.c_str(), RTLD_NOW | RTLD_NOLOAD);
+  ASSERT_NE(h, nullptr) << "library unloaded while an object it made is alive";
+  auto live = reinterpret_cast<int (*)()>(::dlsym(h, "test_plugin_live_count"));
+  ASSERT_NE(live, nullptr);
+  EXPECT_EQ(live(), 1);
+  Matrix w = Matrix::Ones(1, 1);
+  q->quantize_linear(LinearContext{}, w);  // code inside the library still runs
+  EXPECT_FLOAT_EQ(w(0, 0), 1.0f);
+  ::dlclose(h);
+  q.reset();
+  EXPECT_EQ(::dlopen(lib.c_str(), RTLD_NOW | RTLD_NOLOAD), nullptr) << "library still loaded after the last object died";
+}
+
+TEST(Plugins, AbiVersionMismatchIsRejected) {
+  PluginRegistry r;
+  const auto msg = error_of([&] { r.add_search_path(test_plugins("bad-abi")); });
+  EXPECT_NE(msg.find("test_bad_abi.so: plugin ABI version 999, but this ptqlab needs 1: rebuild the plugin"),
+            std::string::npos)
+      << msg;
+}
+
+TEST(Plugins, BuildIdMismatchIsRejected) {
+  PluginRegistry r;
+  const auto msg = error_of([&] { r.add_search_path(test_plugins("bad-build")); });
+  EXPECT_NE(msg.find("plugin built for 'ptqlab-abi-1/gxx-abi-9999/eigen-2.0.0', but this ptqlab is '" +
+                     plugin_build_id() + "'"),
+            std::string::npos)
+      << msg;
+}
+
+TEST(Plugins, OrdinaryLibraryIsNotAPlugin) {
+  PluginRegistry r;
+  const auto msg = error_of([&] { r.add_search_path(test_plugins("not-a-plugin")); });
+  EXPECT_NE(msg.find("test_not_a_plugin.so: not a ptqlab plugin"), std::string::npos) << msg;
+}
+
+TEST(Plugins, DuplicateComponentNameIsRejected) {
+  PluginRegistry r;
+  r.add_search_path(PluginRegistry::default_plugin_dir());
+  const auto msg = error_of([&] { r.add_search_path(test_plugins("duplicate")); });
+  EXPECT_NE(msg.find("test_duplicate.so: quantizer 'rtn' is already provided by"), std::string::npos) << msg;
+  EXPECT_NE(msg.find("quantizer-rtn.so"), std::string::npos) << msg;
+}
+
+TEST(Plugins, SearchPathMustBeADirectoryAndNamesMustExist) {
+  PluginRegistry r;
+  EXPECT_NE(error_of([&] { r.add_search_path("/nonexistent/plugins"); })
+                .find("/nonexistent/plugins: plugin path is not a directory"),
+            std::string::npos);
+  r.add_search_path(PluginRegistry::default_plugin_dir());
+  EXPECT_NE(error_of([&] { r.make_quantizer("rnt", Params{}); }).find("unknown quantizer 'rnt'"), std::string::npos);
+}
+
+TEST(Plugins, SameDirectoryTwiceLoadsOnce) {
+  PluginRegistry r;
+  r.add_search_path(PluginRegistry::default_plugin_dir());
+  const auto n = r.list().size();
+  r.add_search_path(PluginRegistry::default_plugin_dir());
+  EXPECT_EQ(r.list().size(), n);
+}
+
+// ---- the built-in quantizers' arithmetic, against hand-computed values -------------------------
+
+std::shared_ptr<Quantizer> builtin_quantizer(const std::string& name, const std::map<std::string, ParamValue>& params) {
+  static PluginRegistry r;
+  static bool loaded = (r.add_search_path(PluginRegistry::default_plugin_dir()), true);
+  (void)loaded;
+  return r.make_quantizer(name, Params::resolve(*r.find(ComponentKind::quantizer, name), params));
+}
+
+TEST(RtnQuantizer, TwoBitAsymmetricByHand) {
+  // Row [-1, 0.5, 0.25, 2]: range [-1, 2], scale 1, zero round(1) = 1;
+  // round(w) + 1 clamped to [0, 3]: 0, 1 (0.5 rounds half to even, to 0), 1, 3 -> [-1, 0, 0, 2].
+  Matrix w(1, 4);
+  w << -1.0f, 0.5f, 0.25f, 2.0f;
+  const auto bits = builtin_quantizer("rtn", {{"bits", std::int64_t{2}}})->quantize_linear(LinearContext{}, w);
+  Matrix expected(1, 4);
+  expected << -1.0f, 0.0f, 0.0f, 2.0f;
+  EXPECT_EQ(w, expected);
+  EXPECT_EQ(bits.weights, 4);
+  EXPECT_DOUBLE_EQ(bits.payload, 8.0);
+  EXPECT_DOUBLE_EQ(bits.scales, 16.0);  // one FP16 scale
+  EXPECT_DOUBLE_EQ(bits.zeros, 2.0);    // one 2-bit zero point
+  EXPECT_DOUBLE_EQ(bits.paper, 8.0);
+}
+
+TEST(RtnQuantizer, RangeAlwaysContainsZeroAndGroupsAreIndependent) {
+  // All-positive group [1, 2, 3, 4] at 2 bits: range [0, 4], scale 4/3, zero 0 -> levels 0, 4/3, 8/3, 4.
+  // Second group [-8, -8, -8, -8]: range [-8, 0], scale 8/3, zero 3 -> -8 exactly.
+  Matrix w(1, 8);
+  w << 1, 2, 3, 4, -8, -8, -8, -8;
+  const auto bits = builtin_quantizer("rtn", {{"bits", std::int64_t{2}}, {"group_size", std::int64_t{4}}})
+                        ->quantize_linear(LinearContext{}, w);
+  const float s = 4.0f / 3.0f;
+  EXPECT_FLOAT_EQ(w(0, 0), s);
+  EXPECT_FLOAT_EQ(w(0, 1), 2 * s);
+  EXPECT_FLOAT_EQ(w(0, 2), 2 * s);  // 3 / (4/3) = 2.25 -> 2
+  EXPECT_FLOAT_EQ(w(0, 3), 3 * s);
+  for (int c = 4; c < 8; ++c) EXPECT_FLOAT_EQ(w(0, c), -8.0f);
+  EXPECT_DOUBLE_EQ(bits.scales, 32.0);  // two groups
+}
+
+TEST(RtnQuantizer, SymmetricGridAndAllZeroRow) {
+  Matrix w(2, 3);
+  w << -2, 1, 0.4f, 0, 0, 0;
+  builtin_quantizer("rtn", {{"bits", std::int64_t{2}}, {"symmetric", true}})->quantize_linear(LinearContext{}, w);
+  // Row 0: range [-2, 2], scale 4/3, zero (3 + 1) / 2 = 2. For -2: round(-1.5) = -2 (half to even),
+  // code clamp(-2 + 2) = 0, value (0 - 2) * 4/3 = -8/3: the symmetric grid is not symmetric in value.
+  EXPECT_FLOAT_EQ(w(0, 0), -8.0f / 3.0f);
+  EXPECT_FLOAT_EQ(w(0, 1), 4.0f / 3.0f);  // round(0.75) = 1
+  EXPECT_FLOAT_EQ(w(0, 2), 0.0f);         // round(0.3) = 0
+  EXPECT_EQ(w.row(1), Eigen::RowVector3f::Zero().eval());  // [-1, 1] range, zeros stay zero
+}
+
+TEST(SignQuantizer, ClosedFormScaleByHand) {
+  Matrix w(2, 4);
+  w << 1, -3, 2, -2, 0.5f, 0.5f, 0.5f, -0.5f;
+  const auto bits = builtin_quantizer("sign", {})->quantize_linear(LinearContext{}, w);
+  Matrix expected(2, 4);
+  expected << 2, -2, 2, -2, 0.5f, 0.5f, 0.5f, -0.5f;
+  EXPECT_EQ(w, expected);
+  EXPECT_DOUBLE_EQ(bits.payload, 8.0);
+  EXPECT_DOUBLE_EQ(bits.scales, 32.0);
+  EXPECT_DOUBLE_EQ(bits.all_in_per_weight(), 5.0);
+  EXPECT_DOUBLE_EQ(bits.paper_per_weight(), 1.0);
+}
+
+// ---- CLI ------------------------------------------------------------------------------------------
+
+TEST(PluginsCli, JsonListsComponentsWithSchemas) {
+  const auto r = test::run_ptqlab("plugins --json --plugin-path " + test_plugins("good").string(), false);
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  const auto j = nlohmann::json::parse(r.output);
+  std::set<std::string> names;
+  for (const auto& c : j) names.insert(c["kind"].get<std::string>() + "/" + c["name"].get<std::string>());
+  for (const char* n : {"quantizer/fp", "quantizer/rtn", "quantizer/sign", "evaluator/perplexity", "quantizer/test-scale"})
+    EXPECT_TRUE(names.count(n)) << n;
+  for (const auto& c : j)
+    if (c["name"] == "test-scale") {
+      EXPECT_EQ(c["params"][1]["choices"], nlohmann::json({"plain", "fancy"}));
+      EXPECT_EQ(c["library"], "test_good.so");
+    }
+}
+
+TEST(PluginsCli, MarkdownReferenceAndFilters) {
+  const auto md = test::run_ptqlab("plugins --markdown", false);
+  ASSERT_EQ(md.exit_code, 0);
+  EXPECT_NE(md.output.find("### `rtn`"), std::string::npos);
+  EXPECT_NE(md.output.find("| `bits` | int | `4` | [1, 16] |"), std::string::npos) << md.output;
+  const auto one = test::run_ptqlab("plugins rtn", false);
+  EXPECT_NE(one.output.find("quantizer rtn:"), std::string::npos);
+  EXPECT_EQ(one.output.find("quantizer fp:"), std::string::npos);
+  const auto bad = test::run_ptqlab("plugins --kind quantiser");
+  EXPECT_EQ(bad.exit_code, 2);
+  EXPECT_NE(bad.output.find("--kind 'quantiser'"), std::string::npos);
+}
+
+}  // namespace
+}  // namespace ptqlab
