@@ -21,8 +21,7 @@ class PerplexityEvaluator : public ptqlab::Evaluator {
             {"tokens", static_cast<double>(r.tokens)},
             {"predicted_tokens", static_cast<double>(r.predicted_tokens)},
             {"windows", static_cast<double>(r.windows)},
-            {"seq_len", static_cast<double>(r.seq_len)},
-            {"seconds", r.seconds}};
+            {"seq_len", static_cast<double>(r.seq_len)}};
   }
 
  private:
