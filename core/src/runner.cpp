@@ -73,6 +73,11 @@ class RunMonitor {
     redraw();
     std::fflush(stdout);
   }
+  void stage_done(const std::string& what) {
+    std::lock_guard lock(mutex_);
+    stages_.erase(what);
+    redraw();
+  }
   void arm_finished(const std::string& arm) {
     std::lock_guard lock(mutex_);
     stages_.erase(arm);
@@ -273,6 +278,7 @@ RunReport run_experiment(const Experiment& exp, const PluginRegistry& registry, 
     }
     monitor.step("shared", fmt::format("FP input statistics ready in {:.2f}s", seconds_since(t0)));
   }
+  monitor.stage_done("shared");
   std::vector<std::int32_t> calibration_tokens;
   for (const auto& w : shared.calibration) calibration_tokens.insert(calibration_tokens.end(), w.begin(), w.end());
 
