@@ -3,6 +3,8 @@
 #include <dlfcn.h>
 #include <gtest/gtest.h>
 
+#include <fstream>
+
 #include <nlohmann/json.hpp>
 
 #include "ptqlab/error.hpp"
@@ -214,6 +216,22 @@ TEST(PluginsCli, MarkdownReferenceAndFilters) {
   const auto bad = test::run_ptqlab("plugins --kind quantiser");
   EXPECT_EQ(bad.exit_code, 2);
   EXPECT_NE(bad.output.find("--kind 'quantiser'"), std::string::npos);
+}
+
+}  // namespace
+}  // namespace ptqlab
+
+namespace ptqlab {
+namespace {
+
+// docs/config-reference.md is generated; this keeps it true.
+TEST(PluginsCli, ConfigReferenceDocIsUpToDate) {
+  const auto generated = test::run_ptqlab("plugins --markdown", false);
+  ASSERT_EQ(generated.exit_code, 0);
+  std::ifstream in(std::filesystem::path(PTQLAB_SOURCE_DIR) / "docs" / "config-reference.md");
+  const std::string on_disk((std::istreambuf_iterator<char>(in)), {});
+  EXPECT_EQ(on_disk, generated.output)
+      << "docs/config-reference.md is stale: regenerate it with build/bin/ptqlab plugins --markdown > docs/config-reference.md";
 }
 
 }  // namespace
