@@ -75,8 +75,12 @@ struct ArmResult {
 void write_arm_result(const std::filesystem::path& path, const ArmResult& result);
 // Reads a complete result file; throws ptqlab::Error naming the file when it is not one.
 ArmResult read_arm_result(const std::filesystem::path& path);
-// The stored config hash, or nullopt when the file is absent or not a complete ptqlab result.
+// The stored config hash, or nullopt when the file is absent or not a complete ptqlab result
+// (garbage, truncated, interrupted, or of another schema_version). Never throws.
 std::optional<std::string> read_config_hash(const std::filesystem::path& path);
+
+// The version of the HDF5 library in use ("1.10.8"), for Provenance::library_versions["hdf5"].
+std::string hdf5_version();
 
 // The process's single HDF5 writer: results are queued and written in order on one thread
 // (libhdf5 is not thread-safe). The future reports the outcome of each write.
