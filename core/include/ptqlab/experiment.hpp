@@ -1,5 +1,6 @@
 #pragma once
-// YAML experiment files: loading, validation and sweep expansion (docs/config-reference.md).
+// YAML experiment files: loading, validation and sweep expansion (docs/experiments.md; component
+// parameters: docs/config-reference.md).
 //
 // The whole file is validated before any compute. Every problem is a ptqlab::Error whose message
 // starts with "FILE:LINE:COL: " and, for unknown names, ends with "(did you mean 'x'?)" when a
@@ -37,7 +38,7 @@ struct ArmSpec {
 struct CalibrationSpec {
   std::filesystem::path text;  // absolute
   int nsamples = 128;
-  int seq_len = 0;  // 0: the model's max_position_embeddings
+  int seq_len = 0;  // 0 in the file: the model's max_position_embeddings (load_experiment resolves it)
   std::uint64_t seed = 0;
 };
 
@@ -66,9 +67,21 @@ struct Experiment {
 // Reads plugin_paths from the file only (so the caller can load plugins before full validation).
 std::vector<std::filesystem::path> experiment_plugin_paths(const std::filesystem::path& yaml_file);
 
+// Where load_experiment looks up component schemas: the PluginRegistry in the engine, a fixed set
+// of schemas in tests.
+class SchemaSource {
+ public:
+  virtual ~SchemaSource() = default;
+  // nullptr when there is no such component.
+  virtual const ComponentSchema* find(ComponentKind kind, const std::string& name) const = 0;
+  // Every component name of a kind (for "did you mean" hints and lists of known names).
+  virtual std::vector<std::string> names(ComponentKind kind) const = 0;
+};
+
 // Loads and validates the file against the registry's component schemas. Relative paths in the
-// file are resolved against the file's directory.
+// file are resolved against the file's directory. calibration.seq_len comes back resolved (never 0).
 Experiment load_experiment(const std::filesystem::path& yaml_file, const PluginRegistry& registry);
+Experiment load_experiment(const std::filesystem::path& yaml_file, const SchemaSource& schemas);
 
 // Closest candidate within edit distance 2 (or 1/3 of the length for long names), for "did you
 // mean" hints; nullopt when none is close.

@@ -1,0 +1,1013 @@
+// YAML experiment files: parsing, validation against component schemas, base merging, sweep
+// expansion and the canonical resolved configuration of every arm (docs/experiments.md).
+//
+// Every user error is a ptqlab::Error "FILE:LINE:COL: message" pointing at the offending node.
+// The YAML tree is only read here; merged components keep the original nodes, so errors in
+// values inherited from `base:` point into `base:`.
+#include "ptqlab/experiment.hpp"
+
+#include <algorithm>
+#include <charconv>
+#include <cmath>
+#include <fstream>
+#include <limits>
+#include <set>
+#include <sstream>
+#include <system_error>
+
+#include <fmt/format.h>
+#include <yaml-cpp/yaml.h>
+
+#include "ptqlab/error.hpp"
+#include "ptqlab/model_config.hpp"
+#include "ptqlab/plugin.hpp"
+
+namespace ptqlab {
+namespace {
+
+namespace fs = std::filesystem;
+
+constexpr std::size_t kMaxNameLength = 100;
+constexpr int kMaxDepth = 64;
+constexpr std::int64_t kMaxNsamples = 1000000;
+
+// ---------------------------------------------------------------------------------------------
+// Small helpers.
+
+bool is_name_char(char c) {
+  return (c >= 'A' && c <= 'Z') || (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') || c == '.' || c == '_' ||
+         c == '-';
+}
+bool is_alnum(char c) { return (c >= 'A' && c <= 'Z') || (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9'); }
+
+// ^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$ : arm, experiment and dataset names (they become file names).
+bool valid_name(const std::string& s) {
+  if (s.empty() || s.size() > kMaxNameLength || !is_alnum(s[0])) return false;
+  return std::all_of(s.begin(), s.end(), is_name_char);
+}
+
+std::string sanitize_name(std::string s) {
+  for (char& c : s)
+    if (!is_name_char(c)) c = '_';
+  return s;
+}
+
+std::string name_rule() {
+  return "names must match [A-Za-z0-9][A-Za-z0-9._-]* and have at most 100 characters";
+}
+
+std::string join(const std::vector<std::string>& items, const char* sep = ", ") {
+  std::string out;
+  for (std::size_t i = 0; i < items.size(); ++i) out += (i ? sep : "") + items[i];
+  return out;
+}
+
+// " (did you mean 'x'?)", or a list of what is allowed when nothing is close.
+std::string hint(const std::string& word, const std::vector<std::string>& candidates) {
+  if (auto m = closest_match(word, candidates)) return fmt::format(" (did you mean '{}'?)", *m);
+  if (candidates.empty()) return "";
+  return fmt::format(" (expected one of: {})", join(candidates));
+}
+
+fs::path absolute_normal(const fs::path& p) {
+  fs::path a = fs::absolute(p).lexically_normal();
+  if (!a.has_filename() && a.has_parent_path() && a != a.root_path()) a = a.parent_path();  // "dir/" -> "dir"
+  return a;
+}
+
+std::string type_with_article(ParamType t) {
+  return fmt::format("{} {}", t == ParamType::integer ? "an" : "a", param_type_name(t));
+}
+
+std::string describe(const YAML::Node& n) {
+  switch (n.Type()) {
+    case YAML::NodeType::Null: return "null";
+    case YAML::NodeType::Scalar: return fmt::format("'{}'", n.Scalar());
+    case YAML::NodeType::Sequence: return "a list";
+    case YAML::NodeType::Map: return "a map";
+    default: return "nothing";
+  }
+}
+
+// Floats as text that reads back as a float (1.0, not 1), so the resolved YAML keeps types.
+std::string real_text(double d) {
+  if (std::isnan(d)) return ".nan";
+  if (std::isinf(d)) return d > 0 ? ".inf" : "-.inf";
+  std::string t = param_value_text(ParamValue(d));
+  if (t.find_first_of(".eE") == std::string::npos) t += ".0";
+  return t;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Errors with positions.
+
+class Doc {
+ public:
+  Doc(std::string file, fs::path dir) : file_(std::move(file)), dir_(std::move(dir)) {}
+
+  [[noreturn]] void fail(const YAML::Mark& m, const std::string& message) const {
+    const int line = m.is_null() ? 1 : m.line + 1;
+    const int col = m.is_null() ? 1 : m.column + 1;
+    throw Error(fmt::format("{}:{}:{}: {}", file_, line, col, message));
+  }
+  // Relative paths resolve against the directory of the YAML file.
+  fs::path resolve(const std::string& p) const {
+    const fs::path path(p);
+    return absolute_normal(path.is_absolute() ? path : dir_ / path);
+  }
+
+ private:
+  std::string file_;
+  fs::path dir_;
+};
+
+// Reads and parses the file; the root must be a map. Duplicate keys (which yaml-cpp keeps
+// silently) and non-scalar keys are rejected anywhere in the tree.
+void check_structure(const Doc& doc, const YAML::Node& node, int depth) {
+  if (depth > kMaxDepth) doc.fail(node.Mark(), fmt::format("nesting deeper than {} levels", kMaxDepth));
+  if (node.IsSequence()) {
+    for (const auto& child : node) check_structure(doc, child, depth + 1);
+  } else if (node.IsMap()) {
+    std::map<std::string, YAML::Mark> seen;
+    for (auto it = node.begin(); it != node.end(); ++it) {
+      const YAML::Node key = it->first;
+      if (!key.IsScalar()) doc.fail(key.Mark(), fmt::format("keys must be plain names, got {}", describe(key)));
+      auto [pos, inserted] = seen.emplace(key.Scalar(), key.Mark());
+      if (!inserted)
+        doc.fail(key.Mark(), fmt::format("duplicate key '{}' (first at line {})", key.Scalar(), pos->second.line + 1));
+      check_structure(doc, it->second, depth + 1);
+    }
+  }
+}
+
+YAML::Node load_root(const Doc& doc, const fs::path& file, const std::string& shown) {
+  std::error_code ec;
+  if (!fs::is_regular_file(file, ec)) throw Error(fmt::format("{}: experiment file not found", shown));
+  std::ifstream in(file, std::ios::binary);
+  if (!in) throw Error(fmt::format("{}: cannot open experiment file", shown));
+  std::stringstream buf;
+  buf << in.rdbuf();
+  YAML::Node root;
+  try {
+    root = YAML::Load(buf.str());
+  } catch (const YAML::Exception& e) {
+    doc.fail(e.mark, fmt::format("invalid YAML: {}", e.msg));
+  }
+  if (!root.IsDefined() || root.IsNull())
+    doc.fail(YAML::Mark(), "empty experiment file (expected a map with at least 'model', 'calibration' and 'arms')");
+  if (!root.IsMap()) doc.fail(root.Mark(), fmt::format("an experiment must be a map of keys, got {}", describe(root)));
+  check_structure(doc, root, 0);
+  return root;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Scalars. Quoted scalars ("!" tag, or !!str) are strings; plain ones ("?" tag) are resolved as
+// in the YAML 1.2 core schema, except that only true/false are booleans.
+
+bool looks_int(const std::string& s) {
+  std::size_t i = (!s.empty() && (s[0] == '+' || s[0] == '-')) ? 1 : 0;
+  if (i == s.size()) return false;
+  for (; i < s.size(); ++i)
+    if (s[i] < '0' || s[i] > '9') return false;
+  return true;
+}
+
+bool looks_float(const std::string& s) {
+  std::size_t i = (!s.empty() && (s[0] == '+' || s[0] == '-')) ? 1 : 0;
+  const std::string rest = s.substr(i);
+  if (rest == ".inf" || rest == ".Inf" || rest == ".INF") return true;
+  if (i == 0 && (rest == ".nan" || rest == ".NaN" || rest == ".NAN")) return true;
+  std::size_t digits = 0;
+  while (i < s.size() && s[i] >= '0' && s[i] <= '9') ++i, ++digits;
+  if (i < s.size() && s[i] == '.') {
+    ++i;
+    while (i < s.size() && s[i] >= '0' && s[i] <= '9') ++i, ++digits;
+  }
+  if (digits == 0) return false;
+  if (i < s.size() && (s[i] == 'e' || s[i] == 'E')) {
+    ++i;
+    if (i < s.size() && (s[i] == '+' || s[i] == '-')) ++i;
+    std::size_t exp_digits = 0;
+    while (i < s.size() && s[i] >= '0' && s[i] <= '9') ++i, ++exp_digits;
+    if (exp_digits == 0) return false;
+  }
+  return i == s.size();
+}
+
+// The value of a plain scalar text, as the core schema reads it.
+std::optional<ParamValue> plain_value(const std::string& s, std::string* why_not) {
+  if (s == "true") return ParamValue(true);
+  if (s == "false") return ParamValue(false);
+  if (looks_int(s)) {
+    std::int64_t v = 0;
+    const char* b = s.data() + (s[0] == '+' ? 1 : 0);
+    auto r = std::from_chars(b, s.data() + s.size(), v);
+    if (r.ec != std::errc() || r.ptr != s.data() + s.size()) {
+      if (why_not) *why_not = fmt::format("integer '{}' is out of range", s);
+      return std::nullopt;
+    }
+    return ParamValue(v);
+  }
+  if (looks_float(s)) {
+    const std::size_t sign = (s[0] == '+' || s[0] == '-') ? 1 : 0;
+    const std::string rest = s.substr(sign);
+    double v = 0;
+    if (rest.size() == 4 && rest[0] == '.' && (rest[1] == 'i' || rest[1] == 'I')) {
+      v = std::numeric_limits<double>::infinity();
+    } else if (rest.size() == 4 && rest[0] == '.') {
+      v = std::numeric_limits<double>::quiet_NaN();
+    } else {
+      auto r = std::from_chars(rest.data(), rest.data() + rest.size(), v);
+      if (r.ec != std::errc() || r.ptr != rest.data() + rest.size()) {
+        if (why_not) *why_not = fmt::format("number '{}' is out of range", s);
+        return std::nullopt;
+      }
+    }
+    if (s[0] == '-') v = -v;
+    return ParamValue(v);
+  }
+  return ParamValue(s);
+}
+
+// A scalar node's typed value. `what` names the value in messages.
+ParamValue scalar_value(const Doc& doc, const YAML::Node& n, const YAML::Mark& mark, const std::string& what) {
+  if (!n.IsScalar()) doc.fail(mark, fmt::format("{} must be a single value, got {}", what, describe(n)));
+  const std::string& tag = n.Tag();
+  if (tag == "!" || tag == "tag:yaml.org,2002:str") return ParamValue(n.Scalar());
+  if (tag != "?" && tag != "tag:yaml.org,2002:int" && tag != "tag:yaml.org,2002:float" &&
+      tag != "tag:yaml.org,2002:bool")
+    doc.fail(mark, fmt::format("{}: unsupported YAML tag '{}'", what, tag));
+  std::string why;
+  auto v = plain_value(n.Scalar(), &why);
+  if (!v) doc.fail(mark, fmt::format("{}: {}", what, why));
+  if (const auto* d = std::get_if<double>(&*v); d && !std::isfinite(*d))
+    doc.fail(mark, fmt::format("{} must be a finite number, got {}", what, n.Scalar()));
+  return *v;
+}
+
+// Emits text as a string that reads back as a string.
+void emit_text(YAML::Emitter& out, const std::string& s) {
+  const auto v = plain_value(s, nullptr);
+  const bool plain_ok = !s.empty() && v && std::holds_alternative<std::string>(*v) && s != "~" && s != "null" &&
+                        s != "Null" && s != "NULL" && s != "True" && s != "TRUE" && s != "False" && s != "FALSE";
+  if (!plain_ok) out << YAML::DoubleQuoted;
+  out << s;
+}
+
+void emit_value(YAML::Emitter& out, const ParamValue& v) {
+  if (const auto* b = std::get_if<bool>(&v)) {
+    out << (*b ? "true" : "false");
+  } else if (const auto* i = std::get_if<std::int64_t>(&v)) {
+    out << std::to_string(*i);
+  } else if (const auto* d = std::get_if<double>(&v)) {
+    out << real_text(*d);
+  } else {
+    emit_text(out, std::get<std::string>(v));
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Maps with known keys.
+
+struct Entry {
+  std::string key;
+  YAML::Node key_node;
+  YAML::Node value;
+  // Null values ("key:" with nothing) are reported at their key.
+  YAML::Mark mark() const { return value.IsNull() ? key_node.Mark() : value.Mark(); }
+};
+
+class MapView {
+ public:
+  // `node` must be a map (else an error at `mark`: "<what> must be a map, got ..."); every key
+  // must be in `allowed`.
+  MapView(const Doc& doc, const YAML::Node& node, const YAML::Mark& mark, std::string what,
+          const std::vector<std::string>& allowed)
+      : doc_(doc), node_(node), mark_(mark), what_(std::move(what)) {
+    if (!node.IsMap()) doc.fail(mark, fmt::format("{} must be a map, got {}", what_, describe(node)));
+    for (auto it = node.begin(); it != node.end(); ++it) {
+      Entry e{it->first.Scalar(), it->first, it->second};
+      if (std::find(allowed.begin(), allowed.end(), e.key) == allowed.end())
+        doc.fail(e.key_node.Mark(), fmt::format("unknown key '{}' in {}{}", e.key, what_, hint(e.key, allowed)));
+      entries_.push_back(std::move(e));
+    }
+  }
+
+  const Entry* get(const std::string& key) const {
+    for (const auto& e : entries_)
+      if (e.key == key) return &e;
+    return nullptr;
+  }
+  const Entry& require(const std::string& key) const {
+    if (const Entry* e = get(key)) return *e;
+    doc_.fail(mark_, fmt::format("missing required key '{}' in {}", key, what_));
+  }
+  const std::vector<Entry>& entries() const { return entries_; }
+  const YAML::Mark& mark() const { return mark_; }
+  const std::string& what() const { return what_; }
+
+ private:
+  const Doc& doc_;
+  YAML::Node node_;
+  YAML::Mark mark_;
+  std::string what_;
+  std::vector<Entry> entries_;
+};
+
+std::string read_string(const Doc& doc, const Entry& e, const std::string& what) {
+  if (!e.value.IsScalar()) doc.fail(e.mark(), fmt::format("{} must be a string, got {}", what, describe(e.value)));
+  return e.value.Scalar();
+}
+
+std::int64_t read_int(const Doc& doc, const Entry& e, const std::string& what, std::int64_t lo, std::int64_t hi) {
+  const ParamValue v = scalar_value(doc, e.value, e.mark(), what);
+  const auto* i = std::get_if<std::int64_t>(&v);
+  if (i == nullptr)
+    doc.fail(e.mark(), fmt::format("{} must be an int, got {} '{}'", what, param_type_name(param_value_type(v)),
+                                   e.value.Scalar()));
+  if (*i < lo || *i > hi) {
+    const std::string upper = hi == std::numeric_limits<std::int64_t>::max() ? "inf" : std::to_string(hi);
+    doc.fail(e.mark(), fmt::format("{} must be in [{}, {}], got {}", what, lo, upper, *i));
+  }
+  return *i;
+}
+
+bool read_bool(const Doc& doc, const Entry& e, const std::string& what) {
+  const ParamValue v = scalar_value(doc, e.value, e.mark(), what);
+  const auto* b = std::get_if<bool>(&v);
+  if (b == nullptr) doc.fail(e.mark(), fmt::format("{} must be true or false, got '{}'", what, e.value.Scalar()));
+  return *b;
+}
+
+// A file or directory named by the entry, resolved and checked.
+fs::path read_existing(const Doc& doc, const Entry& e, const std::string& what, bool directory) {
+  const std::string text = read_string(doc, e, what);
+  if (text.empty()) doc.fail(e.mark(), fmt::format("{} must not be empty", what));
+  const fs::path p = doc.resolve(text);
+  std::error_code ec;
+  if (!fs::exists(p, ec)) doc.fail(e.mark(), fmt::format("{} not found: {}", what, p.string()));
+  if (directory && !fs::is_directory(p, ec)) doc.fail(e.mark(), fmt::format("{} is not a directory: {}", what, p.string()));
+  if (!directory && !fs::is_regular_file(p, ec)) doc.fail(e.mark(), fmt::format("{} is not a file: {}", what, p.string()));
+  return p;
+}
+
+std::vector<fs::path> read_plugin_paths(const Doc& doc, const Entry* e) {
+  std::vector<fs::path> out;
+  if (e == nullptr || e->value.IsNull()) return out;
+  if (!e->value.IsSequence())
+    doc.fail(e->mark(), fmt::format("plugin_paths must be a list of directories, got {}", describe(e->value)));
+  for (std::size_t i = 0; i < e->value.size(); ++i) {
+    const Entry item{"", e->key_node, e->value[i]};
+    out.push_back(read_existing(doc, item, "plugin path", true));
+  }
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Components as written (before validation) and as resolved.
+
+struct RawParam {
+  std::string key;
+  YAML::Node key_node;
+  YAML::Node value;
+};
+
+struct RawComponent {
+  std::optional<std::string> name;
+  YAML::Mark name_mark;
+  YAML::Mark mark;  // the component's node
+  std::vector<RawParam> params;
+};
+
+std::vector<RawParam> read_params(const Doc& doc, const Entry* e, const std::string& what) {
+  std::vector<RawParam> out;
+  if (e == nullptr || e->value.IsNull()) return out;
+  if (!e->value.IsMap()) doc.fail(e->mark(), fmt::format("{} params must be a map, got {}", what, describe(e->value)));
+  for (auto it = e->value.begin(); it != e->value.end(); ++it) out.push_back({it->first.Scalar(), it->first, it->second});
+  return out;
+}
+
+// "rtn" or {name: rtn, params: {...}}.
+RawComponent read_component(const Doc& doc, const YAML::Node& node, const YAML::Mark& mark, const std::string& what) {
+  RawComponent c;
+  c.mark = mark;
+  if (node.IsScalar()) {
+    c.name = node.Scalar();
+    c.name_mark = node.Mark();
+    return c;
+  }
+  if (!node.IsMap())
+    doc.fail(mark, fmt::format("{} must be a component name or a map with 'name' and 'params', got {}", what,
+                               describe(node)));
+  const MapView m(doc, node, mark, what, {"name", "params"});
+  if (const Entry* n = m.get("name")) {
+    c.name = read_string(doc, *n, what + " name");
+    c.name_mark = n->mark();
+  }
+  c.params = read_params(doc, m.get("params"), what);
+  return c;
+}
+
+// Deep merge of a base component into an arm's: params merged by key (arm wins). An arm that names
+// a different component than base replaces it (base params belong to base's component).
+RawComponent merge(const RawComponent& base, const RawComponent& arm) {
+  if (arm.name && base.name && *arm.name != *base.name) return arm;
+  RawComponent out = base;
+  if (arm.name) {
+    out.name = arm.name;
+    out.name_mark = arm.name_mark;
+  }
+  out.mark = arm.mark;
+  for (const auto& p : arm.params) {
+    auto it = std::find_if(out.params.begin(), out.params.end(), [&](const RawParam& q) { return q.key == p.key; });
+    if (it != out.params.end())
+      *it = p;
+    else
+      out.params.push_back(p);
+  }
+  return out;
+}
+
+struct Component {
+  ComponentKind kind = ComponentKind::quantizer;
+  const ComponentSchema* schema = nullptr;
+  std::string name;
+  std::map<std::string, ParamValue> given;  // validated values from the file
+
+  std::string label() const { return fmt::format("{} {}", component_kind_name(kind), name); }
+  ComponentRef ref() const { return ComponentRef{kind, name, Params::resolve(*schema, given)}; }
+};
+
+std::vector<std::string> param_names(const ComponentSchema& schema) {
+  std::vector<std::string> out;
+  for (const auto& p : schema.params) out.push_back(p.name);
+  return out;
+}
+
+// Parses one parameter value and checks it against its spec; errors at the value.
+ParamValue param_value(const Doc& doc, const ParamSpec& spec, const YAML::Node& node, const YAML::Mark& mark,
+                       const std::string& label, const std::string& suffix = "") {
+  const std::string what = fmt::format("{}: param '{}'", label, spec.name);
+  if (!node.IsScalar())
+    doc.fail(mark, fmt::format("{} must be {}, got {}{}", what, type_with_article(spec.type), describe(node), suffix));
+  const ParamValue v = scalar_value(doc, node, mark, what);
+  const ParamType got = param_value_type(v);
+  if (got != spec.type && !(spec.type == ParamType::real && got == ParamType::integer))
+    doc.fail(mark, fmt::format("{} must be {}, got {} '{}'{}", what, type_with_article(spec.type), param_type_name(got),
+                               node.Scalar(), suffix));
+  if (auto why = check_param(spec, v)) doc.fail(mark, fmt::format("{} {}{}", what, *why, suffix));
+  return v;
+}
+
+const ParamSpec& find_param(const Doc& doc, const Component& c, const std::string& param, const YAML::Mark& mark,
+                            const std::string& prefix) {
+  if (const ParamSpec* spec = c.schema->find(param)) return *spec;
+  const auto names = param_names(*c.schema);
+  doc.fail(mark, fmt::format("{}{}: unknown param '{}'{}", prefix, c.label(), param,
+                             names.empty() ? std::string(" (it has no params)") : hint(param, names)));
+}
+
+Component resolve(const Doc& doc, const SchemaSource& schemas, ComponentKind kind, const RawComponent& raw,
+                  const std::string& what) {
+  if (!raw.name) doc.fail(raw.mark, fmt::format("{} has no 'name'", what));
+  Component c;
+  c.kind = kind;
+  c.name = *raw.name;
+  c.schema = schemas.find(kind, c.name);
+  if (c.schema == nullptr)
+    doc.fail(raw.name_mark,
+             fmt::format("unknown {} '{}'{}", component_kind_name(kind), c.name, hint(c.name, schemas.names(kind))));
+  for (const auto& p : raw.params) {
+    const ParamSpec& spec = find_param(doc, c, p.key, p.key_node.Mark(), "");
+    const Entry e{p.key, p.key_node, p.value};
+    c.given[p.key] = param_value(doc, spec, p.value, e.mark(), c.label());
+  }
+  return c;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Arms and sweeps.
+
+struct RawArmDefaults {  // base:
+  std::optional<std::vector<RawComponent>> preprocess;
+  std::optional<RawComponent> mask;
+  std::optional<RawComponent> quantizer;
+};
+
+std::vector<RawComponent> read_preprocess(const Doc& doc, const Entry& e, const std::string& what) {
+  std::vector<RawComponent> out;
+  if (e.value.IsNull()) return out;
+  if (!e.value.IsSequence())
+    doc.fail(e.mark(), fmt::format("{} must be a list of preprocessors, got {}", what, describe(e.value)));
+  for (std::size_t i = 0; i < e.value.size(); ++i) {
+    const YAML::Node item = e.value[i];
+    out.push_back(read_component(doc, item, item.Mark(), fmt::format("{}[{}]", what, i)));
+  }
+  return out;
+}
+
+struct Axis {
+  std::string path;
+  YAML::Mark mark;  // the axis key
+  enum class Target { quantizer, mask, preprocess } target = Target::quantizer;
+  std::size_t index = 0;  // preprocess step
+  std::string param;
+  std::vector<ParamValue> values;
+  bool zip = false;
+};
+
+// An arm after merging, before sweep expansion.
+struct ArmDraft {
+  std::string name;
+  YAML::Mark name_mark;
+  std::vector<Component> preprocess;
+  std::optional<Component> mask;
+  Component quantizer;
+  std::vector<Axis> axes;  // grid axes, then zip axes
+};
+
+Component* axis_component(ArmDraft& arm, const Axis& axis) {
+  switch (axis.target) {
+    case Axis::Target::quantizer: return &arm.quantizer;
+    case Axis::Target::mask: return arm.mask ? &*arm.mask : nullptr;
+    case Axis::Target::preprocess: return axis.index < arm.preprocess.size() ? &arm.preprocess[axis.index] : nullptr;
+  }
+  return nullptr;
+}
+
+void read_axes(const Doc& doc, const Entry& e, bool zip, ArmDraft& arm) {
+  const std::string section = zip ? "sweep.zip" : "sweep.grid";
+  if (!e.value.IsMap())
+    doc.fail(e.mark(), fmt::format("{} must be a map of axis -> list of values, got {}", section, describe(e.value)));
+  const std::string expected = "expected quantizer.<param>, mask.<param> or preprocess.<index>.<param>";
+  std::size_t zip_len = 0;
+  std::string zip_first;
+  for (auto it = e.value.begin(); it != e.value.end(); ++it) {
+    Axis axis;
+    axis.path = it->first.Scalar();
+    axis.mark = it->first.Mark();
+    axis.zip = zip;
+    for (const auto& other : arm.axes)
+      if (other.path == axis.path)
+        doc.fail(axis.mark, fmt::format("sweep axis '{}' appears in both grid and zip", axis.path));
+
+    std::vector<std::string> parts;
+    std::string part;
+    std::istringstream ss(axis.path);
+    while (std::getline(ss, part, '.')) parts.push_back(part);
+    if (!axis.path.empty() && axis.path.back() == '.') parts.push_back("");
+    const bool prefix_ok = !parts.empty() && (parts[0] == "quantizer" || parts[0] == "mask" || parts[0] == "preprocess");
+    if (!prefix_ok) {
+      const std::string first = parts.empty() ? axis.path : parts[0];
+      doc.fail(axis.mark, fmt::format("unknown sweep axis '{}': {}{}", axis.path, expected,
+                                      hint(first, {"quantizer", "mask", "preprocess"})));
+    }
+    if (parts[0] == "preprocess") {
+      if (parts.size() != 3 || parts[2].empty() || !looks_int(parts[1]) || parts[1][0] == '-' || parts[1][0] == '+' ||
+          parts[1].size() > 9)
+        doc.fail(axis.mark, fmt::format("unknown sweep axis '{}': {}", axis.path, expected));
+      axis.target = Axis::Target::preprocess;
+      axis.index = static_cast<std::size_t>(std::stoull(parts[1]));
+      axis.param = parts[2];
+    } else {
+      if (parts.size() != 2 || parts[1].empty())
+        doc.fail(axis.mark, fmt::format("unknown sweep axis '{}': {}", axis.path, expected));
+      axis.target = parts[0] == "mask" ? Axis::Target::mask : Axis::Target::quantizer;
+      axis.param = parts[1];
+    }
+
+    const Component* c = axis_component(arm, axis);
+    if (c == nullptr) {
+      if (axis.target == Axis::Target::mask)
+        doc.fail(axis.mark, fmt::format("sweep axis '{}': arm '{}' has no mask", axis.path, arm.name));
+      doc.fail(axis.mark, fmt::format("sweep axis '{}': arm '{}' has no preprocess step {} (it has {})", axis.path,
+                                      arm.name, axis.index, arm.preprocess.size()));
+    }
+    const ParamSpec& spec = find_param(doc, *c, axis.param, axis.mark, fmt::format("sweep axis '{}': ", axis.path));
+
+    const Entry values{axis.path, it->first, it->second};
+    if (!values.value.IsSequence())
+      doc.fail(values.mark(), fmt::format("sweep axis '{}' must be a list of values, got {}", axis.path,
+                                          describe(values.value)));
+    if (values.value.size() == 0) doc.fail(values.mark(), fmt::format("sweep axis '{}' has no values", axis.path));
+    for (std::size_t i = 0; i < values.value.size(); ++i) {
+      const YAML::Node v = values.value[i];
+      axis.values.push_back(param_value(doc, spec, v, v.Mark(), c->label(), fmt::format(" (sweep axis '{}')", axis.path)));
+    }
+    if (zip) {
+      if (zip_first.empty()) {
+        zip_first = axis.path;
+        zip_len = axis.values.size();
+      } else if (axis.values.size() != zip_len) {
+        doc.fail(axis.mark, fmt::format("zip axis '{}' has {} values but '{}' has {}; zip axes must have equal lengths",
+                                        axis.path, axis.values.size(), zip_first, zip_len));
+      }
+    }
+    arm.axes.push_back(std::move(axis));
+  }
+}
+
+void read_sweep(const Doc& doc, const Entry& e, ArmDraft& arm) {
+  const MapView sweep(doc, e.value, e.mark(), "sweep", {"grid", "zip"});
+  if (const Entry* g = sweep.get("grid")) read_axes(doc, *g, false, arm);
+  if (const Entry* z = sweep.get("zip")) read_axes(doc, *z, true, arm);
+  if (arm.axes.empty()) doc.fail(sweep.mark(), "sweep has no axes (give grid and/or zip)");
+}
+
+// Every combination: grid axes as a row-major cartesian product (first axis slowest), each
+// combined with every zip position (innermost). Entries are value indices per axis.
+std::vector<std::vector<std::size_t>> combinations(const std::vector<Axis>& axes) {
+  std::vector<std::size_t> grid;
+  std::optional<std::size_t> zip_len;
+  for (std::size_t a = 0; a < axes.size(); ++a) {
+    if (axes[a].zip)
+      zip_len = axes[a].values.size();
+    else
+      grid.push_back(a);
+  }
+  std::vector<std::vector<std::size_t>> out(1, std::vector<std::size_t>(axes.size(), 0));
+  for (std::size_t a : grid) {
+    std::vector<std::vector<std::size_t>> next;
+    for (const auto& combo : out)
+      for (std::size_t v = 0; v < axes[a].values.size(); ++v) {
+        next.push_back(combo);
+        next.back()[a] = v;
+      }
+    out = std::move(next);
+  }
+  if (zip_len) {
+    std::vector<std::vector<std::size_t>> next;
+    for (const auto& combo : out)
+      for (std::size_t v = 0; v < *zip_len; ++v) {
+        next.push_back(combo);
+        for (std::size_t a = 0; a < axes.size(); ++a)
+          if (axes[a].zip) next.back()[a] = v;
+      }
+    out = std::move(next);
+  }
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------------
+// The canonical resolved configuration.
+
+void emit_params(YAML::Emitter& out, const Params& params) {
+  if (params.values().empty()) {
+    out << YAML::Flow << YAML::BeginMap << YAML::EndMap;
+    return;
+  }
+  out << YAML::BeginMap;
+  for (const auto& [k, v] : params.values()) {
+    out << YAML::Key;
+    emit_text(out, k);
+    out << YAML::Value;
+    emit_value(out, v);
+  }
+  out << YAML::EndMap;
+}
+
+void emit_component(YAML::Emitter& out, const ComponentRef& c) {
+  out << YAML::BeginMap << YAML::Key << "name" << YAML::Value;
+  emit_text(out, c.name);
+  out << YAML::Key << "params" << YAML::Value;
+  emit_params(out, c.params);
+  out << YAML::EndMap;
+}
+
+std::string resolved_yaml(const Experiment& x, const ArmSpec& arm) {
+  YAML::Emitter out;
+  out.SetIndent(2);
+  out << YAML::BeginMap;
+  out << YAML::Key << "experiment" << YAML::Value;
+  emit_text(out, x.name);
+  out << YAML::Key << "model" << YAML::Value;
+  emit_text(out, x.model_dir.string());
+  out << YAML::Key << "seed" << YAML::Value << std::to_string(x.seed);
+  out << YAML::Key << "calibration" << YAML::Value << YAML::BeginMap;
+  out << YAML::Key << "text" << YAML::Value;
+  emit_text(out, x.calibration.text.string());
+  out << YAML::Key << "nsamples" << YAML::Value << std::to_string(x.calibration.nsamples);
+  out << YAML::Key << "seq_len" << YAML::Value << std::to_string(x.calibration.seq_len);
+  out << YAML::Key << "seed" << YAML::Value << std::to_string(x.calibration.seed);
+  out << YAML::EndMap;
+  out << YAML::Key << "eval" << YAML::Value;
+  if (x.evaluators.empty()) out << YAML::Flow;
+  out << YAML::BeginSeq;
+  for (const auto& ev : x.evaluators) {
+    out << YAML::BeginMap << YAML::Key << "evaluator" << YAML::Value;
+    emit_text(out, ev.evaluator.name);
+    out << YAML::Key << "params" << YAML::Value;
+    emit_params(out, ev.evaluator.params);
+    // Datasets sorted by name: the order of keys in the file does not matter.
+    std::map<std::string, std::string> datasets;
+    for (const auto& d : ev.datasets) datasets[d.name] = d.file.string();
+    out << YAML::Key << "datasets" << YAML::Value << YAML::BeginMap;
+    for (const auto& [name, file] : datasets) {
+      out << YAML::Key;
+      emit_text(out, name);
+      out << YAML::Value;
+      emit_text(out, file);
+    }
+    out << YAML::EndMap << YAML::EndMap;
+  }
+  out << YAML::EndSeq;
+  out << YAML::Key << "log_tensors" << YAML::Value << (x.log_tensors ? "true" : "false");
+  out << YAML::Key << "arm" << YAML::Value << YAML::BeginMap;
+  out << YAML::Key << "name" << YAML::Value;
+  emit_text(out, arm.name);
+  out << YAML::Key << "preprocess" << YAML::Value;
+  if (arm.preprocessors.empty()) out << YAML::Flow;
+  out << YAML::BeginSeq;
+  for (const auto& p : arm.preprocessors) emit_component(out, p);
+  out << YAML::EndSeq;
+  out << YAML::Key << "mask" << YAML::Value;
+  if (arm.mask)
+    emit_component(out, *arm.mask);
+  else
+    out << YAML::Null;
+  out << YAML::Key << "quantizer" << YAML::Value;
+  emit_component(out, arm.quantizer);
+  out << YAML::EndMap;
+  out << YAML::EndMap;
+  if (!out.good()) throw std::logic_error("resolved experiment YAML: " + out.GetLastError());
+  return std::string(out.c_str()) + "\n";
+}
+
+// ---------------------------------------------------------------------------------------------
+// The sections of the file.
+
+const std::vector<std::string> kTopKeys = {"name",        "model", "seed", "plugin_paths", "log_tensors",
+                                           "calibration", "eval",  "base", "arms"};
+
+void read_calibration(const Doc& doc, const Entry& e, const LlamaConfig& model, Experiment& x) {
+  const MapView m(doc, e.value, e.mark(), "calibration", {"text", "nsamples", "seq_len", "seed"});
+  x.calibration.text = read_existing(doc, m.require("text"), "calibration text", false);
+  if (const Entry* n = m.get("nsamples"))
+    x.calibration.nsamples = static_cast<int>(read_int(doc, *n, "calibration.nsamples", 1, kMaxNsamples));
+  const int max_pos = model.max_position_embeddings;
+  x.calibration.seq_len = max_pos;
+  if (const Entry* s = m.get("seq_len")) {
+    const auto v = read_int(doc, *s, "calibration.seq_len", 0, std::numeric_limits<std::int64_t>::max());
+    if (v == 1)
+      doc.fail(s->mark(), "calibration.seq_len must be >= 2 (or 0 for the model's max_position_embeddings), got 1");
+    if (v > max_pos)
+      doc.fail(s->mark(), fmt::format("calibration.seq_len {} exceeds the model's max_position_embeddings ({})", v,
+                                      max_pos));
+    if (v != 0) x.calibration.seq_len = static_cast<int>(v);
+  }
+  x.calibration.seed = x.seed;
+  if (const Entry* s = m.get("seed"))
+    x.calibration.seed = static_cast<std::uint64_t>(
+        read_int(doc, *s, "calibration.seed", 0, std::numeric_limits<std::int64_t>::max()));
+}
+
+void read_eval(const Doc& doc, const SchemaSource& schemas, const Entry& e, Experiment& x) {
+  if (e.value.IsNull()) return;
+  if (!e.value.IsSequence()) doc.fail(e.mark(), fmt::format("eval must be a list of evaluators, got {}", describe(e.value)));
+  // (evaluator, dataset) -> line of its first appearance: results are stored under both names.
+  std::map<std::pair<std::string, std::string>, int> seen;
+  for (std::size_t i = 0; i < e.value.size(); ++i) {
+    const YAML::Node node = e.value[i];
+    const std::string what = fmt::format("eval[{}]", i);
+    const MapView m(doc, node, node.Mark(), what, {"evaluator", "params", "datasets"});
+    const Entry& ev = m.require("evaluator");
+    RawComponent raw;
+    raw.name = read_string(doc, ev, what + " evaluator");
+    raw.name_mark = ev.mark();
+    raw.mark = node.Mark();
+    raw.params = read_params(doc, m.get("params"), what);
+    EvaluatorSpec spec;
+    const Component c = resolve(doc, schemas, ComponentKind::evaluator, raw, what);
+    spec.evaluator = c.ref();
+
+    const Entry& ds = m.require("datasets");
+    if (!ds.value.IsMap())
+      doc.fail(ds.mark(), fmt::format("{} datasets must be a map of name -> text file, got {}", what, describe(ds.value)));
+    if (ds.value.size() == 0) doc.fail(ds.mark(), fmt::format("{} datasets is empty", what));
+    for (auto it = ds.value.begin(); it != ds.value.end(); ++it) {
+      const Entry d{it->first.Scalar(), it->first, it->second};
+      if (!valid_name(d.key))
+        doc.fail(d.key_node.Mark(), fmt::format("invalid dataset name '{}': {}", d.key, name_rule()));
+      auto [pos, inserted] = seen.emplace(std::make_pair(c.name, d.key), d.key_node.Mark().line + 1);
+      if (!inserted)
+        doc.fail(d.key_node.Mark(), fmt::format("dataset '{}' is evaluated by {} twice (first at line {})", d.key,
+                                                c.name, pos->second));
+      spec.datasets.push_back({d.key, read_existing(doc, d, fmt::format("dataset '{}' file", d.key), false)});
+    }
+    x.evaluators.push_back(std::move(spec));
+  }
+}
+
+RawArmDefaults read_base(const Doc& doc, const SchemaSource& schemas, const Entry& e) {
+  RawArmDefaults base;
+  if (e.value.IsNull()) return base;
+  const MapView m(doc, e.value, e.mark(), "base", {"preprocess", "mask", "quantizer"});
+  if (const Entry* p = m.get("preprocess")) base.preprocess = read_preprocess(doc, *p, "base preprocess");
+  if (const Entry* k = m.get("mask"); k && !k->value.IsNull()) base.mask = read_component(doc, k->value, k->mark(), "base mask");
+  if (const Entry* q = m.get("quantizer")) base.quantizer = read_component(doc, q->value, q->mark(), "base quantizer");
+  // Complete base components are validated on their own, so mistakes are reported in base even
+  // when every arm overrides them.
+  if (base.preprocess)
+    for (std::size_t i = 0; i < base.preprocess->size(); ++i)
+      resolve(doc, schemas, ComponentKind::preprocessor, (*base.preprocess)[i], fmt::format("base preprocess[{}]", i));
+  if (base.mask && base.mask->name) resolve(doc, schemas, ComponentKind::mask, *base.mask, "base mask");
+  if (base.quantizer && base.quantizer->name) resolve(doc, schemas, ComponentKind::quantizer, *base.quantizer, "base quantizer");
+  return base;
+}
+
+ArmDraft read_arm(const Doc& doc, const SchemaSource& schemas, const YAML::Node& node, std::size_t index,
+                  const RawArmDefaults& base) {
+  const std::string what = fmt::format("arms[{}]", index);
+  const MapView m(doc, node, node.Mark(), what, {"name", "inherit_base", "preprocess", "mask", "quantizer", "sweep"});
+  ArmDraft arm;
+  const Entry& name = m.require("name");
+  arm.name = read_string(doc, name, "arm name");
+  arm.name_mark = name.mark();
+  if (!valid_name(arm.name)) doc.fail(name.mark(), fmt::format("invalid arm name '{}': {}", arm.name, name_rule()));
+  const std::string label = fmt::format("arm '{}'", arm.name);
+  const bool inherit = m.get("inherit_base") ? read_bool(doc, *m.get("inherit_base"), "inherit_base") : true;
+
+  std::vector<RawComponent> preprocess;
+  if (const Entry* p = m.get("preprocess"))
+    preprocess = read_preprocess(doc, *p, label + " preprocess");
+  else if (inherit && base.preprocess)
+    preprocess = *base.preprocess;
+
+  std::optional<RawComponent> mask;
+  if (const Entry* k = m.get("mask")) {
+    if (!k->value.IsNull()) {  // "mask: null" drops an inherited mask
+      mask = read_component(doc, k->value, k->mark(), label + " mask");
+      if (inherit && base.mask) mask = merge(*base.mask, *mask);
+    }
+  } else if (inherit && base.mask) {
+    mask = base.mask;
+  }
+
+  std::optional<RawComponent> quantizer;
+  if (const Entry* q = m.get("quantizer")) {
+    quantizer = read_component(doc, q->value, q->mark(), label + " quantizer");
+    if (inherit && base.quantizer) quantizer = merge(*base.quantizer, *quantizer);
+  } else if (inherit && base.quantizer) {
+    quantizer = base.quantizer;
+  }
+  if (!quantizer)
+    doc.fail(m.mark(), fmt::format("missing required key 'quantizer' in {} (give it in the arm or in base)", label));
+
+  for (std::size_t i = 0; i < preprocess.size(); ++i)
+    arm.preprocess.push_back(
+        resolve(doc, schemas, ComponentKind::preprocessor, preprocess[i], fmt::format("{} preprocess[{}]", label, i)));
+  if (mask) arm.mask = resolve(doc, schemas, ComponentKind::mask, *mask, label + " mask");
+  arm.quantizer = resolve(doc, schemas, ComponentKind::quantizer, *quantizer, label + " quantizer");
+
+  if (const Entry* s = m.get("sweep")) read_sweep(doc, *s, arm);
+  return arm;
+}
+
+// Expands one arm's sweep into final arms (just the arm when it has no sweep).
+std::vector<ArmSpec> expand(const Doc& doc, const ArmDraft& draft) {
+  std::map<std::string, int> param_uses;
+  for (const auto& a : draft.axes) ++param_uses[a.param];
+  std::vector<ArmSpec> out;
+  for (const auto& combo : combinations(draft.axes)) {
+    ArmDraft arm = draft;
+    std::string name = draft.name;
+    for (std::size_t a = 0; a < draft.axes.size(); ++a) {
+      const Axis& axis = draft.axes[a];
+      const ParamValue& v = axis.values[combo[a]];
+      axis_component(arm, axis)->given[axis.param] = v;
+      name += "-" + (param_uses[axis.param] > 1 ? axis.path : axis.param) + param_value_text(v);
+    }
+    name = sanitize_name(name);
+    if (name.size() > kMaxNameLength)
+      doc.fail(draft.name_mark, fmt::format("sweep arm name '{}' is longer than {} characters", name, kMaxNameLength));
+    ArmSpec spec;
+    spec.name = name;
+    for (const auto& p : arm.preprocess) spec.preprocessors.push_back(p.ref());
+    if (arm.mask) spec.mask = arm.mask->ref();
+    spec.quantizer = arm.quantizer.ref();
+    out.push_back(std::move(spec));
+  }
+  return out;
+}
+
+// The engine's schemas: the plugin registry.
+class RegistrySchemas final : public SchemaSource {
+ public:
+  explicit RegistrySchemas(const PluginRegistry& registry) : registry_(registry) {}
+  const ComponentSchema* find(ComponentKind kind, const std::string& name) const override {
+    return registry_.find(kind, name);
+  }
+  std::vector<std::string> names(ComponentKind kind) const override { return registry_.names(kind); }
+
+ private:
+  const PluginRegistry& registry_;
+};
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------
+
+std::optional<std::string> closest_match(const std::string& word, const std::vector<std::string>& candidates) {
+  const std::size_t limit = std::max<std::size_t>(2, word.size() / 3);
+  std::optional<std::string> best;
+  std::size_t best_distance = std::numeric_limits<std::size_t>::max();
+  std::vector<std::size_t> row;
+  for (const auto& c : candidates) {
+    // Levenshtein distance, one row at a time.
+    row.resize(c.size() + 1);
+    for (std::size_t j = 0; j <= c.size(); ++j) row[j] = j;
+    for (std::size_t i = 1; i <= word.size(); ++i) {
+      std::size_t diag = row[0];
+      row[0] = i;
+      for (std::size_t j = 1; j <= c.size(); ++j) {
+        const std::size_t up = row[j];
+        row[j] = std::min({row[j] + 1, row[j - 1] + 1, diag + (word[i - 1] == c[j - 1] ? 0 : 1)});
+        diag = up;
+      }
+    }
+    const std::size_t d = row[c.size()];
+    if (d <= limit && d < best_distance) {  // strict: the first of equally close candidates wins
+      best = c;
+      best_distance = d;
+    }
+  }
+  return best;
+}
+
+std::vector<fs::path> experiment_plugin_paths(const fs::path& yaml_file) {
+  const Doc doc(yaml_file.string(), absolute_normal(yaml_file).parent_path());
+  const YAML::Node root = load_root(doc, yaml_file, yaml_file.string());
+  for (auto it = root.begin(); it != root.end(); ++it) {
+    if (it->first.Scalar() != "plugin_paths") continue;
+    const Entry e{"plugin_paths", it->first, it->second};
+    return read_plugin_paths(doc, &e);
+  }
+  return {};
+}
+
+Experiment load_experiment(const fs::path& yaml_file, const SchemaSource& schemas) {
+  Experiment x;
+  x.file = absolute_normal(yaml_file);
+  const Doc doc(yaml_file.string(), x.file.parent_path());
+  const YAML::Node root = load_root(doc, yaml_file, yaml_file.string());
+  const MapView top(doc, root, root.Mark(), "the experiment", kTopKeys);
+
+  if (const Entry* n = top.get("name")) {
+    x.name = read_string(doc, *n, "name");
+    if (!valid_name(x.name)) doc.fail(n->mark(), fmt::format("invalid experiment name '{}': {}", x.name, name_rule()));
+  } else {
+    x.name = sanitize_name(x.file.stem().string());
+    if (x.name.empty() || !is_alnum(x.name[0])) x.name = "x" + x.name;
+    if (x.name.size() > kMaxNameLength) x.name.resize(kMaxNameLength);
+  }
+  if (const Entry* s = top.get("seed"))
+    x.seed = static_cast<std::uint64_t>(read_int(doc, *s, "seed", 0, std::numeric_limits<std::int64_t>::max()));
+  if (const Entry* l = top.get("log_tensors")) x.log_tensors = read_bool(doc, *l, "log_tensors");
+  x.plugin_paths = read_plugin_paths(doc, top.get("plugin_paths"));
+
+  // The model: a directory with a valid config.json.
+  const Entry& model = top.require("model");
+  x.model_dir = read_existing(doc, model, "model", true);
+  const fs::path config_json = x.model_dir / "config.json";
+  std::error_code ec;
+  if (!fs::is_regular_file(config_json, ec))
+    doc.fail(model.mark(), fmt::format("model directory has no config.json: {}", config_json.string()));
+  LlamaConfig config;
+  try {
+    config = load_llama_config(config_json);
+  } catch (const Error& err) {
+    doc.fail(model.mark(), fmt::format("model: {}", err.what()));
+  }
+
+  read_calibration(doc, top.require("calibration"), config, x);
+  if (const Entry* e = top.get("eval")) read_eval(doc, schemas, *e, x);
+
+  RawArmDefaults base;
+  if (const Entry* b = top.get("base")) base = read_base(doc, schemas, *b);
+
+  const Entry& arms = top.require("arms");
+  if (!arms.value.IsSequence()) doc.fail(arms.mark(), fmt::format("arms must be a list of arms, got {}", describe(arms.value)));
+  if (arms.value.size() == 0) doc.fail(arms.mark(), "arms is empty (an experiment needs at least one arm)");
+  std::map<std::string, int> names;  // name -> line of the arm that made it
+  for (std::size_t i = 0; i < arms.value.size(); ++i) {
+    const ArmDraft draft = read_arm(doc, schemas, arms.value[i], i, base);
+    for (auto& arm : expand(doc, draft)) {
+      auto [pos, inserted] = names.emplace(arm.name, draft.name_mark.line + 1);
+      if (!inserted)
+        doc.fail(draft.name_mark, fmt::format("duplicate arm name '{}'{} (first made at line {})", arm.name,
+                                              draft.axes.empty() ? "" : " from this arm's sweep", pos->second));
+      x.arms.push_back(std::move(arm));
+    }
+  }
+  for (auto& arm : x.arms) {
+    arm.resolved_yaml = resolved_yaml(x, arm);
+    arm.config_hash = sha256_hex(arm.resolved_yaml);
+  }
+  return x;
+}
+
+Experiment load_experiment(const fs::path& yaml_file, const PluginRegistry& registry) {
+  return load_experiment(yaml_file, RegistrySchemas(registry));
+}
+
+}  // namespace ptqlab
