@@ -220,6 +220,26 @@ TEST(Runner, FailedArmIsRecordedAndTheOthersFinish) {
   EXPECT_EQ(arm(again, "fp").status, ArmOutcome::Status::skipped);
 }
 
+TEST(Runner, DecoderLayerQuantizerGetsBothStreams) {
+  Workspace s(experiment_yaml("  - name: layerwise\n    quantizer: test-layer\n"));
+  const auto r = s.run("out", 1, false, "layerwise");
+  ASSERT_EQ(r.failed(), 0) << r.arms[0].message;
+  const auto result = read_arm_result(s.dir.path() / "out" / "layerwise.h5");
+  ASSERT_EQ(result.series.size(), 5u);
+  for (int l = 0; l < 5; ++l) {
+    EXPECT_EQ(result.series[l].path, "layer" + std::to_string(l) + "/stream_gap");
+    if (l == 0)
+      EXPECT_EQ(result.series[l].values[0], 0.0);  // both streams start at the embeddings
+    else
+      EXPECT_GT(result.series[l].values[0], 0.0);  // quantized layers made the streams diverge
+  }
+  ASSERT_EQ(result.linears.size(), 35u);
+  for (const auto& rec : result.linears) {
+    EXPECT_GT(rec.weight_error, 0.0);
+    EXPECT_DOUBLE_EQ(rec.bits.paper_per_weight(), 8.0);
+  }
+}
+
 // Kills a real `ptqlab run` with SIGKILL once the first result file exists, then reruns it.
 TEST(Runner, ResumeAfterSigkill) {
   Workspace s(experiment_yaml());

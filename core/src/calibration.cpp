@@ -116,35 +116,47 @@ std::vector<LinearRecord> quantize_layerwise(LlamaModel& model, const std::vecto
   const int per_batch = windows_per_batch(seq_len);
   const RopeTable rope(c.head_dim, c.rope_theta, seq_len);
 
-  // The calibration stream, batch by batch: hidden states entering the current layer.
-  struct Batch {
-    Matrix hidden;
-    BatchShape shape;
-  };
-  std::vector<Batch> batches;
+  const bool per_layer = options.quantizer->granularity() == Quantizer::Granularity::decoder_layer;
+  const bool keep_fp_stream = per_layer && options.quantizer->needs_fp_stream();
+
+  // The calibration streams, batch by batch: hidden states entering the current layer. The FP
+  // stream is kept only for quantizers that train against it.
+  LayerStreams streams;
   for (std::size_t first = 0; first < windows.size(); first += per_batch) {
     const auto n = std::min<std::size_t>(per_batch, windows.size() - first);
-    batches.push_back({embed_tokens(model, flatten(windows, first, n)), BatchShape{static_cast<int>(n), seq_len}});
+    streams.quant.push_back(embed_tokens(model, flatten(windows, first, n)));
+    streams.shapes.push_back(BatchShape{static_cast<int>(n), seq_len});
   }
+  if (keep_fp_stream) streams.fp = streams.quant;
+
+  auto stats_of = [&options](int l, Linear which) -> const InputStats& {
+    if (options.input_stats == nullptr || options.input_stats->empty())
+      throw Error(fmt::format("layer {} {}: input statistics were not collected", l, linear_name(which)));
+    return (*options.input_stats)[l][static_cast<int>(input_of(which))];
+  };
 
   std::vector<LinearRecord> records;
   for (int l = 0; l < c.num_layers; ++l) {
     if (options.on_layer) options.on_layer(l, c.num_layers);
     auto& layer = model.layers[l];
+    const DecoderLayer original = layer;
 
     // 1. Hessians of the inputs the FP layer sees on the quantized stream.
     HessianObserver hess;
-    for (const auto& b : batches) {
-      Matrix h = b.hidden;
-      decoder_layer_forward(c, layer, rope, b.shape, h, l, &hess);
+    for (std::size_t b = 0; b < streams.quant.size(); ++b) {
+      Matrix h = streams.quant[b];
+      decoder_layer_forward(c, layer, rope, streams.shapes[b], h, l, &hess);
     }
     for (auto& h : hess.sum) h *= 2.0 / static_cast<double>(hess.tokens);
+    auto hessian_of = [&hess](Linear which) -> const Eigen::MatrixXd& {
+      return hess.sum[static_cast<int>(input_of(which))];
+    };
 
-    // 2. Quantize each linear with its own Hessian.
-    for (const Linear which : kAllLinears) {
-      const auto input = static_cast<int>(input_of(which));
-      Matrix& w = layer.linear(which);
-      const Matrix original = w;
+    // 2. Masks, then quantization: linear by linear, or the whole layer at once.
+    std::array<SalientMask, 7> masks;
+    std::array<BitCount, 7> bits;
+    std::array<double, 7> seconds{};
+    auto linear_context = [&](Linear which) {
       LinearContext ctx;
       ctx.config = &c;
       ctx.layer = l;
@@ -152,37 +164,66 @@ std::vector<LinearRecord> quantize_layerwise(LlamaModel& model, const std::vecto
       ctx.seed = options.seed;
       ctx.log = options.log;
       ctx.log_prefix = fmt::format("layer{}/{}", l, linear_name(which));
-      ctx.hessian = [&hess, input]() -> const Eigen::MatrixXd& { return hess.sum[input]; };
-      ctx.input_stats = [&options, l, input, which]() -> const InputStats& {
-        if (options.input_stats == nullptr || options.input_stats->empty())
-          throw Error(fmt::format("layer {} {}: input statistics were not collected", l, linear_name(which)));
-        return (*options.input_stats)[l][input];
-      };
-      SalientMask mask;
-      if (options.mask != nullptr) {
-        mask = options.mask->select(ctx, w);
-        ctx.mask = &mask;
-      }
+      ctx.hessian = [&hessian_of, which]() -> const Eigen::MatrixXd& { return hessian_of(which); };
+      ctx.input_stats = [&stats_of, l, which]() -> const InputStats& { return stats_of(l, which); };
+      return ctx;
+    };
+    if (options.mask != nullptr)
+      for (std::size_t i = 0; i < kAllLinears.size(); ++i)
+        masks[i] = options.mask->select(linear_context(kAllLinears[i]), layer.linear(kAllLinears[i]));
+
+    if (per_layer) {
+      LayerContext ctx;
+      ctx.config = &c;
+      ctx.layer = l;
+      ctx.seed = options.seed;
+      ctx.fp_layer = &original;
+      ctx.inputs = &streams;
+      ctx.rope = &rope;
+      ctx.input_stats = [&stats_of, l](Linear which) -> const InputStats& { return stats_of(l, which); };
+      ctx.hessian = hessian_of;
+      if (options.mask != nullptr)
+        for (std::size_t i = 0; i < kAllLinears.size(); ++i) ctx.masks[i] = &masks[i];
+      ctx.log = options.log;
+      ctx.log_prefix = fmt::format("layer{}", l);
       const auto t0 = std::chrono::steady_clock::now();
-      LinearRecord rec;
-      rec.bits = options.quantizer->quantize_linear(ctx, w);
-      rec.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+      bits = options.quantizer->quantize_layer(ctx, layer);
+      seconds.fill(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() / kAllLinears.size());
+    } else {
+      for (std::size_t i = 0; i < kAllLinears.size(); ++i) {
+        auto ctx = linear_context(kAllLinears[i]);
+        if (options.mask != nullptr) ctx.mask = &masks[i];
+        const auto t0 = std::chrono::steady_clock::now();
+        bits[i] = options.quantizer->quantize_linear(ctx, layer.linear(kAllLinears[i]));
+        seconds[i] = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+      }
+    }
+
+    // 3. Records: errors against the original weights, on this layer's quantized-stream inputs.
+    for (std::size_t i = 0; i < kAllLinears.size(); ++i) {
+      const Linear which = kAllLinears[i];
+      const Matrix& w = layer.linear(which);
       if (!all_finite(w))
         throw Error(fmt::format("layer {} {}: the quantizer produced non-finite weights", l, linear_name(which)));
-      rec.bits.masks += options.mask != nullptr ? mask.storage_bits : 0.0;
+      LinearRecord rec;
+      rec.bits = bits[i];
+      if (options.mask != nullptr) rec.bits.masks += masks[i].storage_bits;
+      rec.seconds = seconds[i];
       rec.layer = l;
       rec.linear = linear_name(which);
-      const double norm = original.norm();
-      rec.weight_error = norm > 0 ? (w - original).norm() / norm : 0.0;
-      rec.output_error = relative_output_error(original, w, hess.sum[input]);
+      const Matrix& w0 = original.linear(which);
+      const double norm = w0.norm();
+      rec.weight_error = norm > 0 ? (w - w0).norm() / norm : 0.0;
+      rec.output_error = relative_output_error(w0, w, hessian_of(which));
       records.push_back(rec);
     }
 
-    // 3. The quantized layer produces the next layer's inputs.
-    for (auto& b : batches) {
-      decoder_layer_forward(c, layer, rope, b.shape, b.hidden);
-      if (!all_finite(b.hidden))
+    // 4. The quantized layer produces the next layer's quantized stream; the FP layer the FP stream.
+    for (std::size_t b = 0; b < streams.quant.size(); ++b) {
+      decoder_layer_forward(c, layer, rope, streams.shapes[b], streams.quant[b]);
+      if (!all_finite(streams.quant[b]))
         throw Error(fmt::format("layer {}: non-finite activations after quantization", l));
+      if (keep_fp_stream) decoder_layer_forward(c, original, rope, streams.shapes[b], streams.fp[b]);
     }
   }
   return records;

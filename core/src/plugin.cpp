@@ -18,6 +18,14 @@ std::int64_t SalientMask::count() const {
   return shape == Shape::channels ? n * rows : n;
 }
 
+BitCount Quantizer::quantize_linear(const LinearContext&, Matrix&) {
+  throw Error("this quantizer works per decoder layer and has no per-linear step");
+}
+
+std::array<BitCount, 7> Quantizer::quantize_layer(const LayerContext&, DecoderLayer&) {
+  throw Error("this quantizer works per linear layer and has no per-decoder-layer step");
+}
+
 namespace {
 
 using AbiVersionFn = int (*)();

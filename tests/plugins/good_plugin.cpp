@@ -1,6 +1,7 @@
 // A plugin built outside plugins/ (tests/plugins), loaded from its own directory by the tests.
 // Quantizer "test-scale" multiplies weights by `factor`; it counts live instances so the test can
 // check the library stays loaded while an object lives.
+#include <cmath>
 #include <limits>
 
 #include "ptqlab/plugin.hpp"
@@ -35,6 +36,31 @@ class NanQuantizer : public ptqlab::Quantizer {
   }
 };
 
+// A decoder-layer quantizer: receives both calibration streams, logs their relative gap
+// ||X_fp - X_q|| / ||X_fp|| per layer, then rounds every linear of the layer to a 1/8 grid.
+class LayerQuantizer : public ptqlab::Quantizer {
+ public:
+  Granularity granularity() const override { return Granularity::decoder_layer; }
+  bool needs_fp_stream() const override { return true; }
+  std::array<ptqlab::BitCount, 7> quantize_layer(const ptqlab::LayerContext& ctx, ptqlab::DecoderLayer& layer) override {
+    double diff = 0, norm = 0;
+    for (std::size_t b = 0; b < ctx.inputs->fp.size(); ++b) {
+      diff += (ctx.inputs->fp[b] - ctx.inputs->quant[b]).squaredNorm();
+      norm += ctx.inputs->fp[b].squaredNorm();
+    }
+    ctx.log->series(ctx.log_prefix + "/stream_gap", {std::sqrt(diff / norm)});
+    std::array<ptqlab::BitCount, 7> bits;
+    for (std::size_t i = 0; i < 7; ++i) {
+      auto& w = layer.linear(ptqlab::kAllLinears[i]);
+      w = (w.array() * 8.0f).round() / 8.0f;
+      bits[i].weights = w.size();
+      bits[i].payload = 8.0 * w.size();
+      bits[i].paper = bits[i].payload;
+    }
+    return bits;
+  }
+};
+
 class ConstantEvaluator : public ptqlab::Evaluator {
  public:
   std::map<std::string, double> evaluate(const ptqlab::EvalContext& ctx, const ptqlab::LlamaModel&) override {
@@ -57,6 +83,10 @@ PTQLAB_PLUGIN(registrar) {
   nan.name = "test-nan";
   nan.description = "test: writes a NaN weight";
   registrar->add_quantizer(nan, [](const ptqlab::Params&) { return std::make_unique<NanQuantizer>(); });
+  ptqlab::ComponentSchema layer;
+  layer.name = "test-layer";
+  layer.description = "test: a per-decoder-layer quantizer";
+  registrar->add_quantizer(layer, [](const ptqlab::Params&) { return std::make_unique<LayerQuantizer>(); });
   ptqlab::ComponentSchema e;
   e.name = "test-count";
   e.description = "test: counts tokens";

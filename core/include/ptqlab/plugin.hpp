@@ -8,6 +8,7 @@
 // The build id pins what crosses the boundary (compiler C++ ABI, Eigen version), so a plugin built
 // against another ptqlab is rejected with a message instead of crashing. Components keep their
 // library loaded for as long as any object they made is alive. See docs/plugins.md.
+#include <array>
 #include <cstdint>
 #include <filesystem>
 #include <functional>
@@ -20,6 +21,7 @@
 #include <Eigen/Core>
 
 #include "ptqlab/bits.hpp"
+#include "ptqlab/forward.hpp"
 #include "ptqlab/model.hpp"
 #include "ptqlab/params.hpp"
 
@@ -87,17 +89,50 @@ struct LinearContext {
   std::string log_prefix;  // e.g. "layer3/q_proj"
 };
 
+// The calibration inputs of one decoder layer, in batches of whole windows: `fp[b]` is what the
+// FP layers 0..l-1 produce on the FP stream, `quant[b]` what the already-quantized layers 0..l-1
+// produce (the quantized stream). Both are [rows, hidden]; shapes[b] says how rows form windows.
+struct LayerStreams {
+  std::vector<Matrix> fp;
+  std::vector<Matrix> quant;
+  std::vector<BatchShape> shapes;
+};
+
+// Everything a per-decoder-layer quantizer (block reconstruction: PTQ1.61, OmniQuant-style) may use.
+struct LayerContext {
+  const LlamaConfig* config = nullptr;
+  int layer = 0;
+  std::uint64_t seed = 0;
+  const DecoderLayer* fp_layer = nullptr;  // the layer's original weights
+  const LayerStreams* inputs = nullptr;
+  const RopeTable* rope = nullptr;
+  std::function<const InputStats&(Linear)> input_stats;   // FP statistics of a linear's input
+  std::function<const Eigen::MatrixXd&(Linear)> hessian;  // quantized-stream Hessian of a linear's input
+  std::array<const SalientMask*, 7> masks{};              // per linear (kAllLinears order), or nullptr
+  TensorLog* log = nullptr;
+  std::string log_prefix;  // e.g. "layer3"
+};
+
 // ----------------------------------------------------------------------------------------------
 // The four kinds of component.
 
 class Quantizer {
  public:
+  enum class Granularity { linear, decoder_layer };
   virtual ~Quantizer() = default;
+  // linear: the engine calls quantize_linear for each linear of each layer (GPTQ, PB-LLM, BiLLM, RTN).
+  // decoder_layer: the engine calls quantize_layer once per decoder layer with both input streams.
+  virtual Granularity granularity() const { return Granularity::linear; }
   // Replaces `weight` ([out, in]) by its dequantized value; returns its bit ledger.
-  virtual BitCount quantize_linear(const LinearContext& ctx, Matrix& weight) = 0;
-  // Bits per weight of an unquantized tensor in the paper convention (FP16 tables say 16).
+  virtual BitCount quantize_linear(const LinearContext& ctx, Matrix& weight);
+  // Replaces every linear of `layer` by its dequantized value; returns the ledger of each linear in
+  // kAllLinears order.
+  virtual std::array<BitCount, 7> quantize_layer(const LayerContext& ctx, DecoderLayer& layer);
   virtual bool needs_hessian() const { return false; }
   virtual bool needs_input_stats() const { return false; }
+  // Decoder-layer quantizers that train against the FP stream ask for it (it costs one more copy of
+  // the calibration activations and one more FP pass per layer).
+  virtual bool needs_fp_stream() const { return false; }
 };
 
 class Mask {
