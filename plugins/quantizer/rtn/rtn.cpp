@@ -7,6 +7,7 @@
 //   q = scale * (clamp(round(w / scale) + zero, 0, 2^b - 1) - zero), round half to even.
 #include <cmath>
 
+#include "ptqlab/gptq.hpp"
 #include "ptqlab/plugin.hpp"
 
 namespace {
@@ -23,15 +24,15 @@ class RoundToNearest : public ptqlab::Quantizer {
   ptqlab::BitCount quantize_linear(const ptqlab::LinearContext&, Matrix& w) override {
     const Eigen::Index cols = w.cols();
     const Eigen::Index group = group_size_ > 0 ? std::min<Eigen::Index>(group_size_, cols) : cols;
-    const double maxq = std::ldexp(1.0, bits_) - 1.0;
+    ptqlab::UniformGrid grid(bits_, symmetric_);
     std::int64_t groups = 0;
-    for (Eigen::Index r = 0; r < w.rows(); ++r) {
-      for (Eigen::Index c0 = 0; c0 < cols; c0 += group) {
-        const Eigen::Index n = std::min(group, cols - c0);
-        auto g = w.row(r).segment(c0, n);
-        quantize_group(g, maxq);
-        ++groups;
-      }
+    for (Eigen::Index c0 = 0; c0 < cols; c0 += group) {
+      const Eigen::Index n = std::min(group, cols - c0);
+      auto g = w.middleCols(c0, n);
+      grid.fit(g);
+      for (Eigen::Index r = 0; r < g.rows(); ++r)
+        for (Eigen::Index c = 0; c < n; ++c) g(r, c) = grid.quantize(r, g(r, c));
+      groups += w.rows();
     }
     ptqlab::BitCount b;
     b.weights = w.size();
@@ -43,27 +44,6 @@ class RoundToNearest : public ptqlab::Quantizer {
   }
 
  private:
-  template <class Segment>
-  void quantize_group(Segment&& g, double maxq) const {
-    double lo = std::min(0.0, static_cast<double>(g.minCoeff()));
-    double hi = std::max(0.0, static_cast<double>(g.maxCoeff()));
-    if (symmetric_) {
-      hi = std::max(-lo, hi);
-      if (lo < 0) lo = -hi;
-    }
-    if (lo == 0.0 && hi == 0.0) {
-      lo = -1.0;
-      hi = 1.0;
-    }
-    // GPTQ computes the grid in float32; so do we, so that ties round the same way.
-    const float scale = static_cast<float>((hi - lo) / maxq);
-    const float zero = symmetric_ ? static_cast<float>((maxq + 1.0) / 2.0) : std::nearbyint(static_cast<float>(-lo) / scale);
-    for (Eigen::Index i = 0; i < g.size(); ++i) {
-      const float q = std::clamp(std::nearbyint(g(i) / scale) + zero, 0.0f, static_cast<float>(maxq));
-      g(i) = scale * (q - zero);
-    }
-  }
-
   int bits_;
   std::int64_t group_size_;
   bool symmetric_;

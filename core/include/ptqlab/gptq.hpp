@@ -1,0 +1,105 @@
+#pragma once
+// The shared core of the Hessian-based baselines (research/baselines.md §1): GPTQ's uniform grid,
+// the preparation of the inverse-Hessian factor, and GPTQ's column loop with lazy block updates.
+// GPTQ, PB-LLM and BiLLM plugins are built from these pieces.
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include <Eigen/Core>
+
+#include "ptqlab/model.hpp"
+
+namespace ptqlab {
+
+using MatrixCM = Eigen::MatrixXf;  // column-major float: the column loops walk columns
+
+// GPTQ's Quantizer.find_params grid, one (scale, zero) per row (§1.5):
+//   asymmetric: [lo, hi] = [min(0, min w), max(0, max w)] ((-1, 1) when both are 0),
+//               scale = (hi - lo) / maxq, zero = round(-lo / scale)
+//   symmetric:  hi = max(|lo|, hi), lo = -hi (when lo < 0), zero = (maxq + 1) / 2
+//   q(w) = scale * (clamp(round(w / scale) + zero, 0, maxq) - zero), round half to even, float32.
+struct UniformGrid {
+  int bits = 4;
+  bool symmetric = false;
+  Eigen::VectorXf scale, zero;  // per row
+
+  UniformGrid(int bits, bool symmetric) : bits(bits), symmetric(symmetric) {}
+  float maxq() const { return static_cast<float>((1u << bits) - 1u); }
+  // Fits one (scale, zero) per row of `w` (rows x any columns).
+  template <class Derived>
+  void fit(const Eigen::MatrixBase<Derived>& w);
+  float quantize(Eigen::Index row, float x) const;
+};
+
+// The upper Cholesky factor U of H⁻¹ (H⁻¹ = UᵀU), prepared as GPTQ does (§1.3):
+//   dead inputs (H_jj == 0) get H_jj = 1 and their weight columns are zeroed;
+//   λ = percdamp · mean(diag H) is added to the diagonal;
+//   U = upper Cholesky of (LLT(H)⁻¹), all in double.
+// When a factorisation fails (H not positive definite), the dampening is multiplied by 10 and the
+// factorisation retried, up to `max_retries` times; then a ptqlab::Error names `what`.
+struct InverseHessianFactor {
+  Eigen::MatrixXd U;                // upper triangular
+  double percdamp = 0;              // the dampening that worked
+  int retries = 0;                  // how many times it was increased
+  std::vector<Eigen::Index> dead;   // input columns with H_jj == 0
+};
+InverseHessianFactor prepare_inverse_hessian(Eigen::MatrixXd H, Matrix& weight, double percdamp,
+                                             const std::string& what, int max_retries = 6);
+
+// Quantizes one column inside GPTQ's loop. One instance per chunk of rows (rows are independent
+// given U, so the loop runs row chunks in parallel); it may keep per-row state such as grids.
+class ColumnQuantizer {
+ public:
+  virtual ~ColumnQuantizer() = default;
+  // Start of a block [b0, b1): `rows` holds the chunk's weights with every earlier block's lazy
+  // update applied and this block's columns as they arrived (no in-block updates yet). GPTQ
+  // refits group grids from this state (gptq.py reads W, not the in-block copy).
+  virtual void begin_block(Eigen::Index b0, Eigen::Index b1, const MatrixCM& rows) {}
+  // Quantizes column `col` given its current values `w` (with in-block updates); writes `q`.
+  virtual void quantize_column(Eigen::Index col, const MatrixCM& rows, const Eigen::VectorXf& w,
+                               Eigen::VectorXf& q) = 0;
+};
+using ColumnQuantizerFactory = std::function<std::unique_ptr<ColumnQuantizer>(Eigen::Index row0, Eigen::Index rows)>;
+
+// GPTQ's column loop with lazy block updates (§1.4) on `weight` ([rows, cols], in place):
+//   for each block of `block_size` columns: quantize column by column, feeding each column's
+//   error e = (w - q) / U_ii into the block's later columns (w_j -= e U_ij), then apply the block's
+//   errors to all later columns with one GEMM.
+// `order` (optional) is a column permutation (act-order): column order[k] is processed k-th; U
+// must then be the factor of the permuted Hessian. Rows are split into fixed chunks of 64 run in
+// parallel; the result does not depend on the thread count. Returns Σ (w - q)² / U_ii² / 2.
+double gptq_column_loop(Matrix& weight, const Eigen::MatrixXd& U, int block_size, const ColumnQuantizerFactory& make,
+                        const std::vector<Eigen::Index>& order = {});
+
+// ---- template definitions -----------------------------------------------------------------------
+
+template <class Derived>
+void UniformGrid::fit(const Eigen::MatrixBase<Derived>& w) {
+  const Eigen::Index rows = w.rows();
+  scale.resize(rows);
+  zero.resize(rows);
+  const float mq = maxq();
+  for (Eigen::Index r = 0; r < rows; ++r) {
+    float lo = std::min(0.0f, static_cast<float>(w.row(r).minCoeff()));
+    float hi = std::max(0.0f, static_cast<float>(w.row(r).maxCoeff()));
+    if (symmetric) {
+      hi = std::max(-lo, hi);
+      if (lo < 0) lo = -hi;
+    }
+    if (lo == 0.0f && hi == 0.0f) {
+      lo = -1.0f;
+      hi = 1.0f;
+    }
+    scale(r) = (hi - lo) / mq;
+    zero(r) = symmetric ? (mq + 1.0f) / 2.0f : std::nearbyint(-lo / scale(r));
+  }
+}
+
+inline float UniformGrid::quantize(Eigen::Index row, float x) const {
+  const float q = std::clamp(std::nearbyint(x / scale(row)) + zero(row), 0.0f, maxq());
+  return scale(row) * (q - zero(row));
+}
+
+}  // namespace ptqlab
