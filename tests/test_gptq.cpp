@@ -1,0 +1,252 @@
+// GPTQ: the shared core (grid, inverse-Hessian factor, column loop) and the gptq plugin, against
+// RTN and a brute-force eager OBS loop, on hand-made and real calibration Hessians.
+#include <gtest/gtest.h>
+
+#include <random>
+
+#include <set>
+
+#include <Eigen/Cholesky>
+#include <Eigen/LU>
+#include <tbb/global_control.h>
+
+#include "ptqlab/calibration.hpp"
+#include "ptqlab/error.hpp"
+#include "ptqlab/gptq.hpp"
+#include "ptqlab/perplexity.hpp"
+#include "ptqlab/plugin.hpp"
+#include "ptqlab/text_file.hpp"
+#include "ptqlab/tokenizer.hpp"
+#include "test_support.hpp"
+
+namespace ptqlab {
+namespace {
+
+using Eigen::Index;
+
+Matrix random_weight(Index rows, Index cols, std::uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  std::normal_distribution<float> d(0.0f, 0.05f);
+  Matrix w(rows, cols);
+  for (Index i = 0; i < w.size(); ++i) w.data()[i] = d(rng);
+  return w;
+}
+
+// H = 2 XᵀX / n for correlated random inputs (a random mixing of iid features).
+Eigen::MatrixXd random_hessian(Index cols, Index tokens, std::uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  std::normal_distribution<double> d(0.0, 1.0);
+  Eigen::MatrixXd z(tokens, cols), mix(cols, cols);
+  for (Index i = 0; i < z.size(); ++i) z.data()[i] = d(rng);
+  for (Index i = 0; i < mix.size(); ++i) mix.data()[i] = d(rng) * 0.3;
+  mix.diagonal().array() += 1.0;
+  const Eigen::MatrixXd x = z * mix;
+  return 2.0 * x.transpose() * x / static_cast<double>(tokens);
+}
+
+PluginRegistry& registry() {
+  static PluginRegistry r;
+  static bool loaded = (r.add_search_path(PluginRegistry::default_plugin_dir()), true);
+  (void)loaded;
+  return r;
+}
+
+std::shared_ptr<Quantizer> quantizer(const std::string& name, const std::map<std::string, ParamValue>& params) {
+  return registry().make_quantizer(name, Params::resolve(*registry().find(ComponentKind::quantizer, name), params));
+}
+
+BitCount run_with_hessian(Quantizer& q, Matrix& w, const Eigen::MatrixXd& H) {
+  LinearContext ctx;
+  ctx.hessian = [&H]() -> const Eigen::MatrixXd& { return H; };
+  return q.quantize_linear(ctx, w);
+}
+
+double output_error(const Matrix& w, const Matrix& wq, const Eigen::MatrixXd& H) {
+  const Eigen::MatrixXd d = (wq - w).cast<double>(), wd = w.cast<double>();
+  return std::sqrt(((d * H).cwiseProduct(d)).sum() / ((wd * H).cwiseProduct(wd)).sum());
+}
+
+TEST(Gptq, IdentityHessianEqualsRtnExactly) {
+  for (const auto& params : std::vector<std::map<std::string, ParamValue>>{
+           {{"bits", std::int64_t{2}}},
+           {{"bits", std::int64_t{3}}, {"group_size", std::int64_t{16}}},
+           {{"bits", std::int64_t{4}}, {"symmetric", true}}}) {
+    const Matrix w0 = random_weight(70, 64, 1);
+    Matrix a = w0, b = w0;
+    const Eigen::MatrixXd I = Eigen::MatrixXd::Identity(64, 64);
+    const auto bits_gptq = run_with_hessian(*quantizer("gptq", params), a, I);
+    const auto bits_rtn = quantizer("rtn", params)->quantize_linear(LinearContext{}, b);
+    EXPECT_EQ(a, b);  // with U diagonal there is no error feedback: GPTQ is RTN
+    EXPECT_EQ(bits_gptq.all_in(), bits_rtn.all_in());
+  }
+}
+
+// The eager form of GPTQ/OBS: after each column, update every later column (no blocks), with
+// U recomputed here independently of prepare_inverse_hessian.
+Matrix eager_obs(Matrix w, const Eigen::MatrixXd& H, int bits, double percdamp) {
+  Eigen::MatrixXd Hd = H;
+  Hd.diagonal().array() += percdamp * H.diagonal().mean();
+  const Eigen::MatrixXd Hinv = Hd.inverse();
+  const Eigen::MatrixXd U = Eigen::LLT<Eigen::MatrixXd>(Hinv).matrixU();
+  UniformGrid grid(bits, false);
+  grid.fit(w);
+  for (Index i = 0; i < w.cols(); ++i) {
+    for (Index r = 0; r < w.rows(); ++r) {
+      const float q = grid.quantize(r, w(r, i));
+      const double e = (w(r, i) - q) / U(i, i);
+      w(r, i) = q;
+      for (Index j = i + 1; j < w.cols(); ++j) w(r, j) -= static_cast<float>(e * U(i, j));
+    }
+  }
+  return w;
+}
+
+TEST(Gptq, LazyBlocksEqualEagerObs) {
+  const Matrix w0 = random_weight(10, 24, 2);
+  const auto H = random_hessian(24, 200, 3);
+  const Matrix expected = eager_obs(w0, H, 3, 0.01);
+  for (const std::int64_t block : {1, 5, 8, 128}) {
+    Matrix w = w0;
+    run_with_hessian(*quantizer("gptq", {{"bits", std::int64_t{3}}, {"block_size", block}}), w, H);
+    EXPECT_LT((w - expected).cwiseAbs().maxCoeff(), 1e-5) << "block " << block;
+  }
+}
+
+TEST(Gptq, LowerOutputErrorThanRtnOnRealCalibrationData) {
+  // Real inputs: layer-0 attention input of stories260K on 16 TinyStories calibration windows.
+  const auto model = load_model(test::model_dir("stories260K"));
+  const Tokenizer tok(test::model_dir("stories260K") / "tokenizer.model");
+  const auto stream = perplexity_stream(tok, read_text_file(test::data_file("tinystories/calib.txt")), 1);
+  const auto windows = draw_calibration_windows(stream, 16, 256, 0);
+  class Capture : public ForwardObserver {
+   public:
+    Eigen::MatrixXd H[4];
+    Index n = 0;
+    void on_linear_input(int layer, LinearInput which, const Matrix& x, BatchShape) override {
+      if (layer != 1) return;
+      auto& h = H[static_cast<int>(which)];
+      if (h.size() == 0) h = Eigen::MatrixXd::Zero(x.cols(), x.cols());
+      h += 2.0 * (x.transpose() * x).cast<double>();
+      if (which == LinearInput::attn_in) n += x.rows();
+    }
+  } cap;
+  std::vector<int> flat;
+  for (const auto& w : windows) flat.insert(flat.end(), w.begin(), w.end());
+  forward_logits(model, flat, BatchShape{16, 256}, &cap);
+  for (auto which : {Linear::q_proj, Linear::o_proj, Linear::gate_proj, Linear::down_proj}) {
+    const Eigen::MatrixXd H = cap.H[static_cast<int>(input_of(which))] / static_cast<double>(cap.n);
+    for (const std::int64_t bits : {2, 3, 4}) {
+      const Matrix& w0 = model.layers[1].linear(which);
+      Matrix g = w0, r = w0;
+      run_with_hessian(*quantizer("gptq", {{"bits", bits}}), g, H);
+      quantizer("rtn", {{"bits", bits}})->quantize_linear(LinearContext{}, r);
+      EXPECT_LT(output_error(w0, g, H), output_error(w0, r, H)) << linear_name(which) << " " << bits << " bits";
+    }
+  }
+}
+
+TEST(Gptq, DeadInputsAreZeroedAndSkipped) {
+  Matrix w = random_weight(8, 6, 4);
+  Eigen::MatrixXd H = random_hessian(6, 50, 5);
+  H.row(2).setZero();
+  H.col(2).setZero();
+  Matrix w2 = w;
+  const auto f = prepare_inverse_hessian(H, w2, 0.01, "test");
+  ASSERT_EQ(f.dead.size(), 1u);
+  EXPECT_EQ(f.dead[0], 2);
+  EXPECT_TRUE(w2.col(2).isZero());
+  EXPECT_EQ(f.retries, 0);
+  run_with_hessian(*quantizer("gptq", {{"bits", std::int64_t{4}}}), w, H);
+  EXPECT_TRUE(w.col(2).isZero());
+}
+
+TEST(Gptq, DampeningIsIncreasedUntilTheFactorisationWorks) {
+  // Rank-deficient H (4 tokens for 12 inputs) with no dampening: Cholesky fails, then succeeds
+  // once dampening is raised from 0 to 1e-6.
+  const auto H = random_hessian(12, 4, 6);
+  Matrix w = random_weight(5, 12, 7);
+  const auto f = prepare_inverse_hessian(H, w, 0.0, "layer 3 q_proj");
+  EXPECT_GE(f.retries, 1);
+  EXPECT_GT(f.percdamp, 0.0);
+  EXPECT_TRUE(f.U.allFinite());
+  // The gptq plugin logs the dampening it ended with.
+  class Log : public TensorLog {
+   public:
+    bool enabled() const override { return false; }
+    void tensor(const std::string&, const Matrix&) override {}
+    void series(const std::string& path, std::vector<double> v) override { logged[path] = v; }
+    std::map<std::string, std::vector<double>> logged;
+  } log;
+  LinearContext ctx;
+  ctx.hessian = [&H]() -> const Eigen::MatrixXd& { return H; };
+  ctx.log = &log;
+  ctx.log_prefix = "layer3/q_proj";
+  quantizer("gptq", {{"percdamp", 0.0}})->quantize_linear(ctx, w);
+  ASSERT_TRUE(log.logged.count("layer3/q_proj/percdamp"));
+  EXPECT_GT(log.logged["layer3/q_proj/percdamp"][0], 0.0);
+}
+
+TEST(Gptq, HopelessHessianIsAClearErrorNamingTheLayer) {
+  Eigen::MatrixXd H = -Eigen::MatrixXd::Identity(6, 6);  // negative definite: no dampening helps enough
+  H(0, 0) = -1e12;
+  Matrix w = random_weight(3, 6, 8);
+  try {
+    prepare_inverse_hessian(H, w, 0.01, "layer 2 down_proj", 3);
+    FAIL() << "expected an error";
+  } catch (const Error& e) {
+    const std::string msg = e.what();
+    EXPECT_NE(msg.find("layer 2 down_proj: the Hessian is not positive definite"), std::string::npos) << msg;
+    EXPECT_NE(msg.find("after 3 increases"), std::string::npos) << msg;
+  }
+  Eigen::MatrixXd bad = Eigen::MatrixXd::Identity(6, 6);
+  bad(1, 1) = std::nan("");
+  EXPECT_THROW(prepare_inverse_hessian(bad, w, 0.01, "x"), Error);
+}
+
+TEST(Gptq, ActOrderQuantizesOnTheSameGridAndHelpsOnSkewedHessians) {
+  // One input with a huge activation scale: act-order handles it first.
+  Eigen::MatrixXd H = random_hessian(32, 400, 9);
+  H.row(20) *= 30.0;
+  H.col(20) *= 30.0;
+  const Matrix w0 = random_weight(40, 32, 10);
+  Matrix plain = w0, ordered = w0;
+  run_with_hessian(*quantizer("gptq", {{"bits", std::int64_t{2}}}), plain, H);
+  run_with_hessian(*quantizer("gptq", {{"bits", std::int64_t{2}}, {"act_order", true}}), ordered, H);
+  EXPECT_NE(plain, ordered);
+  // Every row still uses at most 4 distinct values (one 2-bit grid per row).
+  for (Index r = 0; r < ordered.rows(); ++r) {
+    std::set<float> levels(ordered.row(r).data(), ordered.row(r).data() + ordered.cols());
+    EXPECT_LE(levels.size(), 4u);
+  }
+  EXPECT_LE(output_error(w0, ordered, H), output_error(w0, plain, H) * 1.05);
+}
+
+TEST(Gptq, BitLedgerByHand) {
+  Matrix w = random_weight(8, 20, 11);
+  const Eigen::MatrixXd I = Eigen::MatrixXd::Identity(20, 20);
+  const auto b = run_with_hessian(
+      *quantizer("gptq", {{"bits", std::int64_t{3}}, {"group_size", std::int64_t{8}}, {"act_order", true}}), w, I);
+  // 160 weights x 3 bits; 3 groups per row (8, 8, 4) x 8 rows = 24 groups: FP16 scale + 3-bit zero;
+  // act-order with groups stores a 32-bit group index per input column.
+  EXPECT_EQ(b.weights, 160);
+  EXPECT_DOUBLE_EQ(b.payload, 480.0);
+  EXPECT_DOUBLE_EQ(b.scales, 24 * 16.0);
+  EXPECT_DOUBLE_EQ(b.zeros, 24 * 3.0);
+  EXPECT_DOUBLE_EQ(b.masks, 20 * 32.0);
+  EXPECT_DOUBLE_EQ(b.paper_per_weight(), 3.0);
+}
+
+TEST(Gptq, RowParallelLoopIsDeterministic) {
+  const Matrix w0 = random_weight(300, 48, 12);
+  const auto H = random_hessian(48, 300, 13);
+  Matrix a = w0, b = w0;
+  run_with_hessian(*quantizer("gptq", {{"bits", std::int64_t{2}}}), a, H);
+  {
+    tbb::global_control one(tbb::global_control::max_allowed_parallelism, 1);
+    run_with_hessian(*quantizer("gptq", {{"bits", std::int64_t{2}}}), b, H);
+  }
+  EXPECT_EQ(a, b);
+}
+
+}  // namespace
+}  // namespace ptqlab
