@@ -1,0 +1,60 @@
+// Mask "hessian-elementwise": PB-LLM's Hessian salience (research/baselines.md §3.2,
+// salient_metric hessian): score_rj = w_rj² / U_jj², U the upper Cholesky factor of
+// (H + λI)⁻¹ from prepare_inverse_hessian (dead input columns zeroed first, λ = percdamp ·
+// mean(diag H)). The top `ratio` of scores are salient, by PB-LLM's rule on each group of input
+// columns (one threshold over all rows): τ = ascending sorted score at floor(n · (1 - ratio)),
+// salient = score > τ. U_jj² is the conditional [H⁻¹]_jj, so this is the OBS salience
+// w² / [H_F⁻¹]_jj (not w² / ([H⁻¹]_jj)², the papers' notation). See docs/methods/masks.md.
+#include "../salience.hpp"
+
+namespace {
+
+using Eigen::Index;
+
+class HessianElementwiseMask : public ptqlab::Mask {
+ public:
+  explicit HessianElementwiseMask(const ptqlab::Params& p)
+      : ratio_(p.get_real("ratio")),
+        group_(p.get_int("group_size")),
+        percdamp_(p.get_real("percdamp")),
+        encoding_(ptqlab::salience::parse_encoding(p.get_string("encoding"))) {}
+
+  bool needs_hessian() const override { return true; }
+
+  ptqlab::SalientMask select(const ptqlab::LinearContext& ctx, const ptqlab::Matrix& weight) override {
+    const auto prepared = ptqlab::salience::prepare(ctx, weight, percdamp_);
+    const auto scores =
+        ptqlab::salience::element_scores(prepared.weight, ptqlab::salience::inverse_u_diag_squared(prepared.factor.U));
+    auto mask = ptqlab::salience::threshold_mask(scores, 1.0 - ratio_, group_);
+    mask.storage_bits = ptqlab::salience::storage_bits(mask, encoding_);
+    ptqlab::salience::log_mask(ctx, mask);
+    return mask;
+  }
+
+ private:
+  double ratio_;
+  Index group_;
+  double percdamp_;
+  ptqlab::salience::Encoding encoding_;
+};
+
+}  // namespace
+
+PTQLAB_PLUGIN(registrar) {
+  ptqlab::ComponentSchema schema;
+  schema.name = "hessian-elementwise";
+  schema.description = "element-wise salient mask: the top `ratio` of weights by w^2 / U_jj^2 (PB-LLM's Hessian salience)";
+  schema.params = {
+      {"ratio", ptqlab::ParamType::real, 0.1,
+       "salient fraction (PB-LLM's 1 - low_frac): threshold at sorted position floor(n * (1 - ratio)), salient = score > threshold",
+       0.0, 1.0, {}},
+      {"group_size", ptqlab::ParamType::integer, std::int64_t{-1},
+       "input columns sharing one threshold; -1: the whole matrix (PB-LLM's groupsize)", -1.0, 1048576.0, {}},
+      {"percdamp", ptqlab::ParamType::real, 0.01, "dampening of H before inversion, as a fraction of mean(diag H)", 0.0,
+       10.0, {}},
+      {"encoding", ptqlab::ParamType::string, std::string("bitmap"),
+       "storage counted in the ledger: bitmap (1 bit per weight) or csr (column indices + row pointers)", {}, {},
+       {"bitmap", "csr"}},
+  };
+  registrar->add_mask(schema, [](const ptqlab::Params& p) { return std::make_unique<HessianElementwiseMask>(p); });
+}

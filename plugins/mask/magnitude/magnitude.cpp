@@ -1,0 +1,57 @@
+// Mask "magnitude": PB-LLM's magnitude salience (research/baselines.md §3.2, salient_metric
+// magnitude): the weights with the largest |w| of the layer are salient. The threshold is PB-LLM's
+// rule on each group of input columns (the whole matrix by default), one threshold over all rows:
+// τ = ascending sorted |w| at position floor(n · (1 - ratio)), salient = |w| > τ.
+// Dead input columns (H_jj == 0 on the calibration data) rank as 0, because the code zeroes them
+// before computing the mask. See docs/methods/masks.md.
+#include "../salience.hpp"
+
+namespace {
+
+using Eigen::Index;
+
+class MagnitudeMask : public ptqlab::Mask {
+ public:
+  explicit MagnitudeMask(const ptqlab::Params& p)
+      : ratio_(p.get_real("ratio")),
+        group_(p.get_int("group_size")),
+        encoding_(ptqlab::salience::parse_encoding(p.get_string("encoding"))) {}
+
+  ptqlab::SalientMask select(const ptqlab::LinearContext& ctx, const ptqlab::Matrix& weight) override {
+    ptqlab::Matrix w = weight;
+    if (ctx.hessian) {
+      const Eigen::MatrixXd& H = ctx.hessian();
+      if (H.rows() == w.cols())
+        for (Index j = 0; j < w.cols(); ++j)
+          if (H(j, j) == 0.0) w.col(j).setZero();
+    }
+    auto mask = ptqlab::salience::threshold_mask(ptqlab::salience::element_scores(w, {}), 1.0 - ratio_, group_);
+    mask.storage_bits = ptqlab::salience::storage_bits(mask, encoding_);
+    ptqlab::salience::log_mask(ctx, mask);
+    return mask;
+  }
+
+ private:
+  double ratio_;
+  Index group_;
+  ptqlab::salience::Encoding encoding_;
+};
+
+}  // namespace
+
+PTQLAB_PLUGIN(registrar) {
+  ptqlab::ComponentSchema schema;
+  schema.name = "magnitude";
+  schema.description = "element-wise salient mask: the top `ratio` of weights by magnitude abs(w) (PB-LLM's magnitude salience)";
+  schema.params = {
+      {"ratio", ptqlab::ParamType::real, 0.1,
+       "salient fraction (PB-LLM's 1 - low_frac): threshold at sorted position floor(n * (1 - ratio)), salient = score > threshold",
+       0.0, 1.0, {}},
+      {"group_size", ptqlab::ParamType::integer, std::int64_t{-1},
+       "input columns sharing one threshold; -1: the whole matrix (PB-LLM's groupsize)", -1.0, 1048576.0, {}},
+      {"encoding", ptqlab::ParamType::string, std::string("bitmap"),
+       "storage counted in the ledger: bitmap (1 bit per weight) or csr (column indices + row pointers)", {}, {},
+       {"bitmap", "csr"}},
+  };
+  registrar->add_mask(schema, [](const ptqlab::Params& p) { return std::make_unique<MagnitudeMask>(p); });
+}
