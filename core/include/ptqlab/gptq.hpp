@@ -36,7 +36,8 @@ struct UniformGrid {
 // The upper Cholesky factor U of H⁻¹ (H⁻¹ = UᵀU), prepared as GPTQ does (§1.3):
 //   dead inputs (H_jj == 0) get H_jj = 1 and their weight columns are zeroed;
 //   λ = percdamp · mean(diag H) is added to the diagonal;
-//   U = upper Cholesky of (LLT(H)⁻¹), all in double.
+//   U = the upper Cholesky factor of H⁻¹, in double (computed from one factorisation of the
+//       reversed H, see gptq.cpp; equal to GPTQ's chol -> cholesky_inverse -> chol).
 // When a factorisation fails (H not positive definite), the dampening is multiplied by 10 and the
 // factorisation retried, up to `max_retries` times; then a ptqlab::Error names `what`.
 struct InverseHessianFactor {
