@@ -44,7 +44,7 @@ std::optional<po::variables_map> parse_options(const std::string& command, const
 }
 
 std::string param_range(const ParamSpec& p) {
-  if (!p.choices.empty()) return fmt::format("{}", fmt::join(p.choices, " | "));
+  if (!p.choices.empty()) return fmt::format("one of {}", fmt::join(p.choices, ", "));
   if (!p.min && !p.max) return "";
   auto text = [&](const std::optional<double>& b, const char* inf) {
     if (!b) return std::string(inf);
