@@ -12,5 +12,6 @@ int cmd_generate(const Args& args);
 int cmd_info(const Args& args);
 int cmd_run(const Args& args);
 int cmd_plugins(const Args& args);
+int cmd_report(const Args& args);
 
 }  // namespace ptqlab::cli

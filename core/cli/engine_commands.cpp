@@ -1,5 +1,8 @@
 // ptqlab run / ptqlab plugins: the experiment engine's command line.
+#include <unistd.h>
+
 #include <cstdio>
+#include <fstream>
 #include <iostream>
 
 #include <boost/program_options.hpp>
@@ -11,6 +14,7 @@
 #include "ptqlab/error.hpp"
 #include "ptqlab/experiment.hpp"
 #include "ptqlab/plugin.hpp"
+#include "ptqlab/report.hpp"
 #include "ptqlab/runner.hpp"
 
 namespace po = boost::program_options;
@@ -179,6 +183,42 @@ int cmd_plugins(const Args& args) {
                  range.empty() ? "" : range + "  ", p.doc);
     }
   }
+  return 0;
+}
+
+int cmd_report(const Args& args) {
+  std::vector<std::string> inputs;
+  std::string out;
+  ReportOptions options;
+  po::options_description desc("ptqlab report options");
+  desc.add_options()
+      ("inputs", po::value(&inputs)->multitoken(), "result directories or files")
+      ("format", po::value(&options.format)->default_value("md"), "md | latex | csv")
+      ("layout", po::value(&options.layout)->default_value("paper"),
+       "paper (a row per method, a column per model x dataset) | ablation (a row per switch combination) | long")
+      ("metric", po::value(&options.metric)->default_value("ppl"), "which metric fills the cells")
+      ("out", po::value(&out), "write to this file instead of stdout");
+  po::positional_options_description pos;
+  pos.add("inputs", -1);
+  auto vm = parse_options("report", "DIR... [--format md|latex|csv] [--layout paper|ablation|long] [--out FILE]", desc,
+                          &pos, args);
+  if (!vm) return 0;
+  if (inputs.empty()) throw Error("ptqlab report needs at least one result directory or file");
+  std::vector<std::filesystem::path> paths(inputs.begin(), inputs.end());
+  const std::string text = make_report(paths, options);
+  if (out.empty()) {
+    fmt::print("{}", text);
+    return 0;
+  }
+  // Written to a temporary name and renamed: an existing report is never left half-written.
+  const auto tmp = std::filesystem::path(out).parent_path() /
+                   fmt::format(".{}.tmp-{}", std::filesystem::path(out).filename().string(), ::getpid());
+  {
+    std::ofstream f(tmp);
+    f << text;
+    if (!f.flush()) throw Error(fmt::format("{}: cannot write the report", out));
+  }
+  std::filesystem::rename(tmp, out);
   return 0;
 }
 

@@ -27,6 +27,7 @@ const std::map<std::string, Command>& commands() {
       {"info", {ptqlab::cli::cmd_info, "show a checkpoint's architecture, dtype and parameter count"}},
       {"run", {ptqlab::cli::cmd_run, "run the arms of a YAML experiment, one HDF5 result file per arm"}},
       {"plugins", {ptqlab::cli::cmd_plugins, "list plugin components and their parameters"}},
+      {"report", {ptqlab::cli::cmd_report, "paper tables (Markdown, LaTeX, CSV) from result files"}},
   };
   return table;
 }
