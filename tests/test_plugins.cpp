@@ -74,6 +74,19 @@ TEST(Plugins, LibraryStaysLoadedWhileAnObjectLives) {
   EXPECT_EQ(::dlopen(lib.c_str(), RTLD_NOW | RTLD_NOLOAD), nullptr) << "library still loaded after the last object died";
 }
 
+// An Error thrown inside a plugin is caught as ptqlab::Error in core, even when the registry (and
+// with it the library) is destroyed while the exception is in flight.
+TEST(Plugins, ErrorThrownByAPluginOutlivesItsLibrary) {
+  try {
+    PluginRegistry r;
+    r.add_search_path(test_plugins("good"));
+    r.make_quantizer("test-refuses", Params{});
+    FAIL() << "expected the factory to throw";
+  } catch (const Error& e) {
+    EXPECT_STREQ(e.what(), "test-refuses: this combination of parameters is not supported");
+  }
+}
+
 TEST(Plugins, AbiVersionMismatchIsRejected) {
   PluginRegistry r;
   const auto msg = error_of([&] { r.add_search_path(test_plugins("bad-abi")); });

@@ -222,14 +222,21 @@ RunReport run_experiment(const Experiment& exp, const PluginRegistry& registry, 
 
   // 2. Components (validated already; a factory may still refuse) and shared artifacts.
   std::vector<ArmComponents> components(todo.size());
+  std::vector<std::string> component_errors(todo.size());
   bool need_stats = false;
   for (std::size_t i = 0; i < todo.size(); ++i) {
     const ArmSpec& arm = *todo[i];
     auto& c = components[i];
-    for (const auto& p : arm.preprocessors) c.preprocessors.push_back(registry.make_preprocessor(p.name, p.params));
-    if (arm.mask) c.mask = registry.make_mask(arm.mask->name, arm.mask->params);
-    c.quantizer = registry.make_quantizer(arm.quantizer.name, arm.quantizer.params);
-    need_stats = need_stats || c.quantizer->needs_input_stats() || (c.mask && c.mask->needs_input_stats());
+    // A factory may refuse a combination of valid parameters: that arm fails, the others run.
+    try {
+      for (const auto& p : arm.preprocessors) c.preprocessors.push_back(registry.make_preprocessor(p.name, p.params));
+      if (arm.mask) c.mask = registry.make_mask(arm.mask->name, arm.mask->params);
+      c.quantizer = registry.make_quantizer(arm.quantizer.name, arm.quantizer.params);
+      need_stats = need_stats || c.quantizer->needs_input_stats() || (c.mask && c.mask->needs_input_stats());
+    } catch (const Error& e) {
+      component_errors[i] = e.what();
+      c = ArmComponents{};
+    }
   }
   std::vector<std::shared_ptr<Evaluator>> evaluators;
   for (const auto& e : exp.evaluators) evaluators.push_back(registry.make_evaluator(e.evaluator.name, e.evaluator.params));
@@ -316,6 +323,7 @@ RunReport run_experiment(const Experiment& exp, const PluginRegistry& registry, 
     r.calibration_seq_len = calib_len;
     ArmLog log(exp.log_tensors, r);
     try {
+      if (!component_errors[i].empty()) throw Error(component_errors[i]);
       LlamaModel model = shared.model;  // each arm quantizes its own copy
       auto quantize = [&](LlamaModel& m) {
         LayerwiseOptions lo;

@@ -4,6 +4,7 @@
 #include <cmath>
 #include <limits>
 
+#include "ptqlab/error.hpp"
 #include "ptqlab/plugin.hpp"
 
 namespace {
@@ -87,6 +88,12 @@ PTQLAB_PLUGIN(registrar) {
   layer.name = "test-layer";
   layer.description = "test: a per-decoder-layer quantizer";
   registrar->add_quantizer(layer, [](const ptqlab::Params&) { return std::make_unique<LayerQuantizer>(); });
+  ptqlab::ComponentSchema refuses;
+  refuses.name = "test-refuses";
+  refuses.description = "test: its factory always throws ptqlab::Error";
+  registrar->add_quantizer(refuses, [](const ptqlab::Params&) -> std::unique_ptr<ptqlab::Quantizer> {
+    throw ptqlab::Error("test-refuses: this combination of parameters is not supported");
+  });
   ptqlab::ComponentSchema e;
   e.name = "test-count";
   e.description = "test: counts tokens";

@@ -7,9 +7,15 @@
 
 namespace ptqlab {
 
+// The destructor is defined out of line (core/src/error.cpp) on purpose: it is the class's key
+// function, so its vtable and type_info live in libptqlab_core only. Plugins are built with hidden
+// visibility; with an inline vtable each plugin would carry its own copy, an Error thrown by a
+// plugin would not be caught as ptqlab::Error in core, and an in-flight exception would crash once
+// its plugin is unloaded.
 class Error : public std::runtime_error {
  public:
   using std::runtime_error::runtime_error;
+  ~Error() override;
 };
 
 inline constexpr int kExitUserError = 2;

@@ -1,0 +1,7 @@
+#include "ptqlab/error.hpp"
+
+namespace ptqlab {
+
+Error::~Error() = default;
+
+}  // namespace ptqlab
