@@ -142,7 +142,7 @@ TEST(Ptq161Runner, TrainingOffEqualsAnalyticAndTrainingLowersTheLoss) {
   const Runs r(
       "  - name: analytic\n    quantizer: {name: ptq161, params: {learn_scales: false}}\n"
       "  - name: zero-epochs\n    quantizer: {name: ptq161, params: {epochs: 0}}\n"
-      "  - name: trained\n    quantizer: {name: ptq161, params: {epochs: 4, lr_s: 1.0e-5, lr_r: 1.0e-5}}\n"
+      "  - name: trained\n    quantizer: {name: ptq161, params: {epochs: 5}}\n"
       "  - name: sign-centered\n    quantizer: {name: sign, params: {center: true}}\n"
       "  - name: plain\n    quantizer: {name: ptq161, params: {use_mask: false, learn_scales: false}}\n");
   ASSERT_EQ(r.report.failed(), 0);
@@ -153,12 +153,13 @@ TEST(Ptq161Runner, TrainingOffEqualsAnalyticAndTrainingLowersTheLoss) {
   // Without mask and training, ptq161's binarizer is mu + s sign(W - mu) with s = mean|W| (not
   // mean-centred): close to, but not the same as, sign centred (alpha = mean|W - mu|).
   EXPECT_NE(r.arm("plain").metrics, r.arm("sign-centered").metrics);
-  // Training: one loss curve per layer, decreasing at a small learning rate.
+  // Training at the code's learning rates: one loss curve per layer, decreasing every epoch.
+  // (A gradient that leaks across steps makes these curves turn upward after a few epochs.)
   const auto& trained = r.arm("trained");
   ASSERT_EQ(trained.series.size(), 5u);
   for (const auto& s : trained.series) {
-    ASSERT_EQ(s.values.size(), 4u) << s.path;
-    EXPECT_LT(s.values.back(), s.values.front()) << s.path;
+    ASSERT_EQ(s.values.size(), 5u) << s.path;
+    for (std::size_t e = 1; e < s.values.size(); ++e) EXPECT_LT(s.values[e], s.values[e - 1]) << s.path << " epoch " << e;
   }
   EXPECT_LT(trained.metrics.at("perplexity").at("tinystories").at("ppl"),
             analytic.metrics.at("perplexity").at("tinystories").at("ppl"));

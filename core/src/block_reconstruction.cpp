@@ -62,7 +62,7 @@ std::vector<double> reconstruct_block(const LlamaConfig& config, const DecoderLa
   DecoderLayerTape tape;
   DecoderLayerGrads layer_grads;
   DecoderLayerScratch scratch;
-  Matrix y, grad_y, g;
+  Matrix y, grad_y;
   std::vector<double> losses;
   for (int epoch = 0; epoch < options.epochs; ++epoch) {
     double total = 0;
@@ -72,17 +72,12 @@ std::vector<double> reconstruct_block(const LlamaConfig& config, const DecoderLa
       const Matrix x = streams.quant[w.batch].middleRows(w.row0, w.seq_len);
       decoder_layer_forward_tape(config, layer, rope, shape, x, y, tape);
 
+      // The losses accumulate their gradient into grad_y (backward.hpp convention).
       double loss = 0;
-      grad_y = Matrix::Zero(y.rows(), y.cols());
+      grad_y.setZero(y.rows(), y.cols());
       auto add_target = [&](const Matrix& target) {
-        if (options.mse) {
-          loss += mse_loss(y, target, &g);
-          grad_y += g;
-        }
-        if (options.nlc) {
-          loss += nlc_loss(y, target, &g);
-          grad_y += g;
-        }
+        if (options.mse) loss += mse_loss(y, target, &grad_y);
+        if (options.nlc) loss += nlc_loss(y, target, &grad_y);
       };
       if (options.target_fp) add_target(target_fp[w.batch].middleRows(w.row0, w.seq_len));
       if (options.target_fq) add_target(target_fq[w.batch].middleRows(w.row0, w.seq_len));
