@@ -149,6 +149,7 @@ void BM_Llama7BLayerForwardBackward(benchmark::State& state) {
 BENCHMARK(BM_Llama7BLayerForwardBackward)
     ->Args({512, 0})
     ->Args({512, 1})
+    ->Args({2048, 0})
     ->Unit(benchmark::kMillisecond)
     ->UseRealTime()
     ->Iterations(3);
