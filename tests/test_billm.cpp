@@ -18,10 +18,16 @@
 #include "ptqlab/gptq.hpp"
 #include "ptqlab/plugin.hpp"
 #include "ptqlab/runner.hpp"
+#include "quantizer_test_support.hpp"
 #include "test_support.hpp"
 
 namespace ptqlab {
 namespace {
+
+using test::random_hessian;
+using test::run_with_hessian;
+
+PluginRegistry& registry() { return test::builtin_registry(); }
 
 using Eigen::Index;
 using Mask = std::vector<std::uint8_t>;
@@ -42,26 +48,9 @@ Mask random_mask(Index rows, Index cols, std::uint64_t seed, double p = 0.5) {
   return m;
 }
 
-// H = 2 XᵀX / n for correlated random inputs.
-Eigen::MatrixXd random_hessian(Index cols, Index tokens, std::uint64_t seed) {
-  std::mt19937_64 rng(seed);
-  std::normal_distribution<double> d(0.0, 1.0);
-  Eigen::MatrixXd z(tokens, cols), mix(cols, cols);
-  for (Index i = 0; i < z.size(); ++i) z.data()[i] = d(rng);
-  for (Index i = 0; i < mix.size(); ++i) mix.data()[i] = d(rng) * 0.3;
-  mix.diagonal().array() += 1.0;
-  const Eigen::MatrixXd x = z * mix;
-  return 2.0 * x.transpose() * x / static_cast<double>(tokens);
-}
 
 double squared_error(const Matrix& a, const Matrix& b) { return (a - b).cast<double>().squaredNorm(); }
 
-PluginRegistry& registry() {
-  static PluginRegistry r;
-  static bool loaded = (r.add_search_path(PluginRegistry::default_plugin_dir()), true);
-  (void)loaded;
-  return r;
-}
 
 std::shared_ptr<Quantizer> billm_quantizer(const std::map<std::string, ParamValue>& params = {}) {
   return registry().make_quantizer("billm", Params::resolve(*registry().find(ComponentKind::quantizer, "billm"), params));
@@ -76,13 +65,6 @@ class CaptureLog : public TensorLog {
   std::map<std::string, std::vector<double>> series_;
 };
 
-BitCount run_with_hessian(Quantizer& q, Matrix& w, const Eigen::MatrixXd& H, TensorLog* log = nullptr) {
-  LinearContext ctx;
-  ctx.hessian = [&H]() -> const Eigen::MatrixXd& { return H; };
-  ctx.log = log;
-  ctx.log_prefix = "lin";
-  return q.quantize_linear(ctx, w);
-}
 
 // ---- the binarizer (§2.2) ------------------------------------------------------------------------
 

@@ -17,54 +17,28 @@
 #include "ptqlab/plugin.hpp"
 #include "ptqlab/text_file.hpp"
 #include "ptqlab/tokenizer.hpp"
+#include "quantizer_test_support.hpp"
 #include "test_support.hpp"
 
 namespace ptqlab {
 namespace {
 
-using Eigen::Index;
-
-Matrix random_weight(Index rows, Index cols, std::uint64_t seed) {
-  std::mt19937_64 rng(seed);
-  std::normal_distribution<float> d(0.0f, 0.05f);
-  Matrix w(rows, cols);
-  for (Index i = 0; i < w.size(); ++i) w.data()[i] = d(rng);
-  return w;
-}
-
-// H = 2 XᵀX / n for correlated random inputs (a random mixing of iid features).
-Eigen::MatrixXd random_hessian(Index cols, Index tokens, std::uint64_t seed) {
-  std::mt19937_64 rng(seed);
-  std::normal_distribution<double> d(0.0, 1.0);
-  Eigen::MatrixXd z(tokens, cols), mix(cols, cols);
-  for (Index i = 0; i < z.size(); ++i) z.data()[i] = d(rng);
-  for (Index i = 0; i < mix.size(); ++i) mix.data()[i] = d(rng) * 0.3;
-  mix.diagonal().array() += 1.0;
-  const Eigen::MatrixXd x = z * mix;
-  return 2.0 * x.transpose() * x / static_cast<double>(tokens);
-}
-
-PluginRegistry& registry() {
-  static PluginRegistry r;
-  static bool loaded = (r.add_search_path(PluginRegistry::default_plugin_dir()), true);
-  (void)loaded;
-  return r;
-}
+using test::output_error;
+using test::random_hessian;
+using test::random_weight;
+using test::run_with_hessian;
 
 std::shared_ptr<Quantizer> quantizer(const std::string& name, const std::map<std::string, ParamValue>& params) {
-  return registry().make_quantizer(name, Params::resolve(*registry().find(ComponentKind::quantizer, name), params));
+  return test::make_quantizer(name, params);
 }
 
-BitCount run_with_hessian(Quantizer& q, Matrix& w, const Eigen::MatrixXd& H) {
-  LinearContext ctx;
-  ctx.hessian = [&H]() -> const Eigen::MatrixXd& { return H; };
-  return q.quantize_linear(ctx, w);
-}
+using Eigen::Index;
 
-double output_error(const Matrix& w, const Matrix& wq, const Eigen::MatrixXd& H) {
-  const Eigen::MatrixXd d = (wq - w).cast<double>(), wd = w.cast<double>();
-  return std::sqrt(((d * H).cwiseProduct(d)).sum() / ((wd * H).cwiseProduct(wd)).sum());
-}
+
+
+
+
+
 
 TEST(Gptq, IdentityHessianEqualsRtnExactly) {
   for (const auto& params : std::vector<std::map<std::string, ParamValue>>{

@@ -25,47 +25,29 @@
 #include "ptqlab/runner.hpp"
 #include "ptqlab/text_file.hpp"
 #include "ptqlab/tokenizer.hpp"
+#include "quantizer_test_support.hpp"
 #include "test_support.hpp"
 
 namespace ptqlab {
 namespace {
 
+using test::output_error;
+using test::random_hessian;
+using test::random_weight;
+
+std::shared_ptr<Quantizer> quantizer(const std::string& name, const std::map<std::string, ParamValue>& params = {}) {
+  return test::make_quantizer(name, params);
+}
+std::shared_ptr<Mask> mask_plugin(const std::string& name, const std::map<std::string, ParamValue>& params = {}) {
+  return test::make_mask(name, params);
+}
+
 using Eigen::Index;
 using ParamMap = std::map<std::string, ParamValue>;
 
-Matrix random_weight(Index rows, Index cols, std::uint64_t seed) {
-  std::mt19937_64 rng(seed);
-  std::normal_distribution<float> d(0.0f, 0.05f);
-  Matrix w(rows, cols);
-  for (Index i = 0; i < w.size(); ++i) w.data()[i] = d(rng);
-  return w;
-}
 
-// H = 2 XᵀX / n for correlated random inputs.
-Eigen::MatrixXd random_hessian(Index cols, Index tokens, std::uint64_t seed) {
-  std::mt19937_64 rng(seed);
-  std::normal_distribution<double> d(0.0, 1.0);
-  Eigen::MatrixXd z(tokens, cols), mix(cols, cols);
-  for (Index i = 0; i < z.size(); ++i) z.data()[i] = d(rng);
-  for (Index i = 0; i < mix.size(); ++i) mix.data()[i] = d(rng) * 0.3;
-  mix.diagonal().array() += 1.0;
-  const Eigen::MatrixXd x = z * mix;
-  return 2.0 * x.transpose() * x / static_cast<double>(tokens);
-}
 
-PluginRegistry& registry() {
-  static PluginRegistry r;
-  static bool loaded = (r.add_search_path(PluginRegistry::default_plugin_dir()), true);
-  (void)loaded;
-  return r;
-}
 
-std::shared_ptr<Quantizer> quantizer(const std::string& name, const ParamMap& params = {}) {
-  return registry().make_quantizer(name, Params::resolve(*registry().find(ComponentKind::quantizer, name), params));
-}
-std::shared_ptr<Mask> mask_plugin(const std::string& name, const ParamMap& params = {}) {
-  return registry().make_mask(name, Params::resolve(*registry().find(ComponentKind::mask, name), params));
-}
 
 class RecordingLog : public TensorLog {
  public:
@@ -105,10 +87,6 @@ std::set<std::pair<Index, Index>> salient_set(const SalientMask& m) {
   return out;
 }
 
-double output_error(const Matrix& w, const Matrix& wq, const Eigen::MatrixXd& H) {
-  const Eigen::MatrixXd d = (wq - w).cast<double>(), wd = w.cast<double>();
-  return std::sqrt(((d * H).cwiseProduct(d)).sum() / ((wd * H).cwiseProduct(wd)).sum());
-}
 
 // ---- the binarizer ------------------------------------------------------------------------------
 
