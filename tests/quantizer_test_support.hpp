@@ -1,13 +1,20 @@
 #pragma once
 // Helpers shared by the quantizer tests (GPTQ, PB-LLM, BiLLM): random weights and Hessians, the
 // built-in plugins, running a quantizer on a given Hessian, and the Hessian-weighted output error.
+#include <array>
 #include <cmath>
 #include <map>
 #include <memory>
 #include <random>
 #include <string>
 
+#include "ptqlab/calibration.hpp"
+#include "ptqlab/forward.hpp"
+#include "ptqlab/perplexity.hpp"
 #include "ptqlab/plugin.hpp"
+#include "ptqlab/text_file.hpp"
+#include "ptqlab/tokenizer.hpp"
+#include "test_support.hpp"
 
 namespace ptqlab::test {
 
@@ -63,6 +70,35 @@ inline BitCount run_with_hessian(Quantizer& q, Matrix& w, const Eigen::MatrixXd&
 inline double output_error(const Matrix& w, const Matrix& wq, const Eigen::MatrixXd& H) {
   const Eigen::MatrixXd d = (wq - w).cast<double>(), wd = w.cast<double>();
   return std::sqrt(((d * H).cwiseProduct(d)).sum() / ((wd * H).cwiseProduct(wd)).sum());
+}
+
+// Real Hessians: H = 2 XᵀX / n of the four linear inputs of decoder layer `layer` of `model`
+// (stories260K in the tests) over 16 TinyStories calibration windows of 256 tokens (seed 0).
+inline std::array<Eigen::MatrixXd, 4> real_layer_hessians(const LlamaModel& model, int layer) {
+  const Tokenizer tok(model_dir("stories260K") / "tokenizer.model");
+  const auto stream = perplexity_stream(tok, read_text_file(data_file("tinystories/calib.txt")), 1);
+  const auto windows = draw_calibration_windows(stream, 16, 256, 0);
+  class Capture : public ForwardObserver {
+   public:
+    explicit Capture(int layer) : layer_(layer) {}
+    std::array<Eigen::MatrixXd, 4> H;
+    Eigen::Index n = 0;
+    void on_linear_input(int layer, LinearInput which, const Matrix& x, BatchShape) override {
+      if (layer != layer_) return;
+      auto& h = H[static_cast<int>(which)];
+      if (h.size() == 0) h = Eigen::MatrixXd::Zero(x.cols(), x.cols());
+      h += 2.0 * (x.transpose() * x).cast<double>();
+      if (which == LinearInput::attn_in) n += x.rows();
+    }
+
+   private:
+    int layer_;
+  } cap(layer);
+  std::vector<int> flat;
+  for (const auto& w : windows) flat.insert(flat.end(), w.begin(), w.end());
+  forward_logits(model, flat, BatchShape{16, 256}, &cap);
+  for (auto& h : cap.H) h /= static_cast<double>(cap.n);
+  return cap.H;
 }
 
 }  // namespace ptqlab::test

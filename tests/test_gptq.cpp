@@ -87,28 +87,11 @@ TEST(Gptq, LazyBlocksEqualEagerObs) {
 }
 
 TEST(Gptq, LowerOutputErrorThanRtnOnRealCalibrationData) {
-  // Real inputs: layer-0 attention input of stories260K on 16 TinyStories calibration windows.
+  // Real inputs: the four layer-1 inputs of stories260K on 16 TinyStories calibration windows.
   const auto model = load_model(test::model_dir("stories260K"));
-  const Tokenizer tok(test::model_dir("stories260K") / "tokenizer.model");
-  const auto stream = perplexity_stream(tok, read_text_file(test::data_file("tinystories/calib.txt")), 1);
-  const auto windows = draw_calibration_windows(stream, 16, 256, 0);
-  class Capture : public ForwardObserver {
-   public:
-    Eigen::MatrixXd H[4];
-    Index n = 0;
-    void on_linear_input(int layer, LinearInput which, const Matrix& x, BatchShape) override {
-      if (layer != 1) return;
-      auto& h = H[static_cast<int>(which)];
-      if (h.size() == 0) h = Eigen::MatrixXd::Zero(x.cols(), x.cols());
-      h += 2.0 * (x.transpose() * x).cast<double>();
-      if (which == LinearInput::attn_in) n += x.rows();
-    }
-  } cap;
-  std::vector<int> flat;
-  for (const auto& w : windows) flat.insert(flat.end(), w.begin(), w.end());
-  forward_logits(model, flat, BatchShape{16, 256}, &cap);
+  const auto hessians = test::real_layer_hessians(model, 1);
   for (auto which : {Linear::q_proj, Linear::o_proj, Linear::gate_proj, Linear::down_proj}) {
-    const Eigen::MatrixXd H = cap.H[static_cast<int>(input_of(which))] / static_cast<double>(cap.n);
+    const Eigen::MatrixXd& H = hessians[static_cast<int>(input_of(which))];
     for (const std::int64_t bits : {2, 3, 4}) {
       const Matrix& w0 = model.layers[1].linear(which);
       Matrix g = w0, r = w0;
