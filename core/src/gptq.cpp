@@ -13,6 +13,18 @@ namespace ptqlab {
 
 using Eigen::Index;
 
+BitCount uniform_grid_ledger(Index rows, Index cols, int bits, Index group_size, bool symmetric) {
+  const Index groups_per_row = group_size > 0 ? (cols + group_size - 1) / group_size : 1;
+  const double grids = static_cast<double>(groups_per_row) * static_cast<double>(rows);
+  BitCount b;
+  b.weights = rows * cols;
+  b.payload = static_cast<double>(bits) * static_cast<double>(rows * cols);
+  b.scales = 16.0 * grids;
+  b.zeros = symmetric ? 0.0 : static_cast<double>(bits) * grids;
+  b.paper = b.payload;
+  return b;
+}
+
 namespace {
 
 // L⁻¹ for lower-triangular L. Column j of L⁻¹ is zero above row j, so each chunk of columns is a

@@ -9,6 +9,7 @@
 
 #include <Eigen/Core>
 
+#include "ptqlab/bits.hpp"
 #include "ptqlab/model.hpp"
 
 namespace ptqlab {
@@ -32,6 +33,11 @@ struct UniformGrid {
   void fit(const Eigen::MatrixBase<Derived>& w);
   float quantize(Eigen::Index row, float x) const;
 };
+
+// The bit ledger of a [rows, cols] weight on UniformGrids of `bits`, one grid per row and group of
+// `group_size` input columns (-1: one per row): b bits per weight, an FP16 scale per grid, a b-bit
+// integer zero point per grid unless symmetric; papers quote "W<b>" (paper = payload).
+BitCount uniform_grid_ledger(Eigen::Index rows, Eigen::Index cols, int bits, Eigen::Index group_size, bool symmetric);
 
 // The upper Cholesky factor U of H⁻¹ (H⁻¹ = UᵀU), prepared as GPTQ does (§1.3):
 //   dead inputs (H_jj == 0) get H_jj = 1 and their weight columns are zeroed;

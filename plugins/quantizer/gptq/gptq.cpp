@@ -72,16 +72,9 @@ class Gptq : public ptqlab::Quantizer {
       run(w, factor.U, order);
     }
 
-    const Index groups_per_row = group_ > 0 ? (w.cols() + group_ - 1) / group_ : 1;
-    const double groups = static_cast<double>(groups_per_row) * static_cast<double>(w.rows());
-    ptqlab::BitCount b;
-    b.weights = w.size();
-    b.payload = static_cast<double>(bits_) * static_cast<double>(w.size());
-    b.scales = 16.0 * groups;
-    b.zeros = symmetric_ ? 0.0 : bits_ * groups;
+    auto b = ptqlab::uniform_grid_ledger(w.rows(), w.cols(), bits_, group_, symmetric_);
     // act-order with groups needs each input column's group index (g_idx, int32) to dequantize.
     b.masks = act_order_ && group_ > 0 ? 32.0 * static_cast<double>(w.cols()) : 0.0;
-    b.paper = b.payload;
     return b;
   }
 

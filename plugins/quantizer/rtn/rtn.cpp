@@ -25,22 +25,14 @@ class RoundToNearest : public ptqlab::Quantizer {
     const Eigen::Index cols = w.cols();
     const Eigen::Index group = group_size_ > 0 ? std::min<Eigen::Index>(group_size_, cols) : cols;
     ptqlab::UniformGrid grid(bits_, symmetric_);
-    std::int64_t groups = 0;
     for (Eigen::Index c0 = 0; c0 < cols; c0 += group) {
       const Eigen::Index n = std::min(group, cols - c0);
       auto g = w.middleCols(c0, n);
       grid.fit(g);
       for (Eigen::Index r = 0; r < g.rows(); ++r)
         for (Eigen::Index c = 0; c < n; ++c) g(r, c) = grid.quantize(r, g(r, c));
-      groups += w.rows();
     }
-    ptqlab::BitCount b;
-    b.weights = w.size();
-    b.payload = static_cast<double>(bits_) * static_cast<double>(w.size());
-    b.scales = 16.0 * static_cast<double>(groups);                       // FP16 scale per group
-    b.zeros = symmetric_ ? 0.0 : static_cast<double>(bits_) * groups;  // b-bit integer zero point
-    b.paper = b.payload;                                                // papers quote "W<b>"
-    return b;
+    return ptqlab::uniform_grid_ledger(w.rows(), cols, bits_, group_size_, symmetric_);
   }
 
  private:
