@@ -13,5 +13,6 @@ int cmd_info(const Args& args);
 int cmd_run(const Args& args);
 int cmd_plugins(const Args& args);
 int cmd_report(const Args& args);
+int cmd_plot(const Args& args);
 
 }  // namespace ptqlab::cli

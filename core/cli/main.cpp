@@ -28,6 +28,7 @@ const std::map<std::string, Command>& commands() {
       {"run", {ptqlab::cli::cmd_run, "run the arms of a YAML experiment, one HDF5 result file per arm"}},
       {"plugins", {ptqlab::cli::cmd_plugins, "list plugin components and their parameters"}},
       {"report", {ptqlab::cli::cmd_report, "paper tables (Markdown, LaTeX, CSV) from result files"}},
+      {"plot", {ptqlab::cli::cmd_plot, "bits vs perplexity plots with the Pareto front (gnuplot) from result files"}},
   };
   return table;
 }

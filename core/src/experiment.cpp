@@ -516,6 +516,19 @@ struct Axis {
   bool zip = false;
 };
 
+// A sweep's bit budget: the targets and the candidate values of the parameter it adjusts.
+struct Budget {
+  YAML::Mark mark;            // the budget key
+  YAML::Mark parameter_mark;  // the parameter's value
+  std::string path;           // "quantizer.ratio"
+  Axis::Target target = Axis::Target::quantizer;
+  std::string param;
+  std::vector<double> targets;
+  std::vector<YAML::Mark> target_marks;
+  std::vector<ParamValue> candidates;
+  double lo = 0, hi = 0;
+};
+
 // An arm after merging, before sweep expansion.
 struct ArmDraft {
   std::string name;
@@ -524,6 +537,7 @@ struct ArmDraft {
   std::optional<Component> mask;
   Component quantizer;
   std::vector<Axis> axes;  // grid axes, then zip axes
+  std::optional<Budget> budget;
 };
 
 Component* axis_component(ArmDraft& arm, const Axis& axis) {
@@ -607,11 +621,101 @@ void read_axes(const Doc& doc, const Entry& e, bool zip, ArmDraft& arm) {
   }
 }
 
+// A number (int or float) from a scalar, finite; `what` names it in errors.
+double read_number(const Doc& doc, const YAML::Node& n, const std::string& what) {
+  const ParamValue v = scalar_value(doc, n, n.Mark(), what);
+  if (const auto* i = std::get_if<std::int64_t>(&v)) return static_cast<double>(*i);
+  if (const auto* d = std::get_if<double>(&v)) return *d;
+  doc.fail(n.Mark(), fmt::format("{} must be a number, got {} '{}'", what, param_type_name(param_value_type(v)), n.Scalar()));
+}
+
+// sweep.budget: {target_bits: [..], parameter: quantizer.<p> | mask.<p>, range: [lo, hi], step: s}.
+void read_budget(const Doc& doc, const Entry& e, ArmDraft& arm) {
+  const MapView m(doc, e.value, e.mark(), "sweep.budget", {"target_bits", "parameter", "range", "step"});
+  Budget b;
+  b.mark = e.key_node.Mark();
+
+  const Entry& p = m.require("parameter");
+  b.path = read_string(doc, p, "sweep.budget.parameter");
+  b.parameter_mark = p.mark();
+  const auto dot = b.path.find('.');
+  const std::string head = b.path.substr(0, dot);
+  if (dot == std::string::npos || (head != "quantizer" && head != "mask") || dot + 1 == b.path.size() ||
+      b.path.find('.', dot + 1) != std::string::npos)
+    doc.fail(p.mark(), fmt::format("unknown budget parameter '{}': expected quantizer.<param> or mask.<param>{}", b.path,
+                                   hint(head, {"quantizer", "mask"})));
+  b.target = head == "mask" ? Axis::Target::mask : Axis::Target::quantizer;
+  b.param = b.path.substr(dot + 1);
+  Axis probe;
+  probe.target = b.target;
+  const Component* c = axis_component(arm, probe);
+  if (c == nullptr) doc.fail(p.mark(), fmt::format("budget parameter '{}': arm '{}' has no mask", b.path, arm.name));
+  const ParamSpec& spec = find_param(doc, *c, b.param, p.mark(), fmt::format("budget parameter '{}': ", b.path));
+  if (spec.type != ParamType::integer && spec.type != ParamType::real)
+    doc.fail(p.mark(), fmt::format("budget parameter '{}' is a {} parameter; a budget adjusts an int or float parameter",
+                                   b.path, param_type_name(spec.type)));
+  for (const auto& a : arm.axes)
+    if (a.path == b.path)
+      doc.fail(p.mark(), fmt::format("budget parameter '{}' is also a sweep axis (the budget chooses its value)", b.path));
+
+  const Entry& t = m.require("target_bits");
+  if (!t.value.IsSequence())
+    doc.fail(t.mark(), fmt::format("sweep.budget.target_bits must be a list of numbers (all-in bits per weight), got {}",
+                                   describe(t.value)));
+  if (t.value.size() == 0) doc.fail(t.mark(), "sweep.budget.target_bits has no values");
+  for (std::size_t i = 0; i < t.value.size(); ++i) {
+    const YAML::Node v = t.value[i];
+    const double bits = read_number(doc, v, "sweep.budget.target_bits value");
+    if (!(bits > 0)) doc.fail(v.Mark(), fmt::format("sweep.budget.target_bits values must be positive, got {}", v.Scalar()));
+    if (std::find(b.targets.begin(), b.targets.end(), bits) != b.targets.end())
+      doc.fail(v.Mark(), fmt::format("sweep.budget.target_bits: {} is given twice", v.Scalar()));
+    b.targets.push_back(bits);
+    b.target_marks.push_back(v.Mark());
+  }
+
+  // The search range: the parameter's schema bounds unless given.
+  if (const Entry* r = m.get("range")) {
+    if (!r->value.IsSequence() || r->value.size() != 2)
+      doc.fail(r->mark(), fmt::format("sweep.budget.range must be a list [low, high], got {}", describe(r->value)));
+    for (std::size_t i = 0; i < 2; ++i) {
+      const YAML::Node v = r->value[i];
+      param_value(doc, spec, v, v.Mark(), c->label(), " (sweep.budget.range)");
+    }
+    b.lo = read_number(doc, r->value[0], "sweep.budget.range low");
+    b.hi = read_number(doc, r->value[1], "sweep.budget.range high");
+    if (b.lo > b.hi)
+      doc.fail(r->mark(), fmt::format("sweep.budget.range [{}, {}] is empty (low > high)", r->value[0].Scalar(),
+                                      r->value[1].Scalar()));
+  } else {
+    if (!spec.min || !spec.max)
+      doc.fail(p.mark(), fmt::format("budget parameter '{}' has no bounded range in its schema: give sweep.budget.range",
+                                     b.path));
+    b.lo = *spec.min;
+    b.hi = *spec.max;
+  }
+  double step = spec.type == ParamType::integer ? 1.0 : (b.hi - b.lo) / 1000.0;
+  if (const Entry* st = m.get("step")) {
+    step = read_number(doc, st->value, "sweep.budget.step");
+    if (!(step > 0)) doc.fail(st->mark(), fmt::format("sweep.budget.step must be positive, got {}", st->value.Scalar()));
+    if (spec.type == ParamType::integer && step != std::floor(step))
+      doc.fail(st->mark(), fmt::format("sweep.budget.step must be a whole number for int parameter '{}'", b.path));
+  }
+  if (step <= 0) step = 1.0;  // a range of one value
+  constexpr double kMaxCandidates = 100000;
+  if ((b.hi - b.lo) / step + 1 > kMaxCandidates)
+    doc.fail(m.mark(), fmt::format("sweep.budget would try {:.0f} values of '{}' (at most {:.0f}): give a narrower range "
+                                   "or a larger step",
+                                   std::floor((b.hi - b.lo) / step) + 1, b.path, kMaxCandidates));
+  b.candidates = budget_candidates(spec.type, b.lo, b.hi, step);
+  arm.budget = std::move(b);
+}
+
 void read_sweep(const Doc& doc, const Entry& e, ArmDraft& arm) {
-  const MapView sweep(doc, e.value, e.mark(), "sweep", {"grid", "zip"});
+  const MapView sweep(doc, e.value, e.mark(), "sweep", {"grid", "zip", "budget"});
   if (const Entry* g = sweep.get("grid")) read_axes(doc, *g, false, arm);
   if (const Entry* z = sweep.get("zip")) read_axes(doc, *z, true, arm);
-  if (arm.axes.empty()) doc.fail(sweep.mark(), "sweep has no axes (give grid and/or zip)");
+  if (const Entry* b = sweep.get("budget")) read_budget(doc, *b, arm);
+  if (arm.axes.empty() && !arm.budget) doc.fail(sweep.mark(), "sweep has no axes (give grid, zip and/or budget)");
 }
 
 // Every combination: grid axes as a row-major cartesian product (first axis slowest), each
@@ -727,6 +831,18 @@ std::string resolved_yaml(const Experiment& x, const ArmSpec& arm) {
     out << YAML::Null;
   out << YAML::Key << "quantizer" << YAML::Value;
   emit_component(out, arm.quantizer);
+  if (arm.budget) {  // only budget arms have the key, so other arms keep their hashes
+    out << YAML::Key << "budget" << YAML::Value << YAML::BeginMap;
+    out << YAML::Key << "target_bits" << YAML::Value;
+    emit_value(out, arm.budget->target_bits);
+    out << YAML::Key << "parameter" << YAML::Value;
+    emit_text(out, arm.budget->parameter);
+    out << YAML::Key << "value" << YAML::Value;
+    emit_value(out, arm.budget->value);
+    out << YAML::Key << "predicted_bits" << YAML::Value;
+    emit_value(out, arm.budget->predicted_bits);
+    out << YAML::EndMap;
+  }
   out << YAML::EndMap;
   out << YAML::EndMap;
   if (!out.good()) throw std::logic_error("resolved experiment YAML: " + out.GetLastError());
@@ -863,8 +979,60 @@ ArmDraft read_arm(const Doc& doc, const SchemaSource& schemas, const YAML::Node&
   return arm;
 }
 
+ArmSpec make_spec(const Doc& doc, const ArmDraft& arm, std::string name) {
+  name = sanitize_name(name);
+  if (name.size() > kMaxNameLength)
+    doc.fail(arm.name_mark, fmt::format("sweep arm name '{}' is longer than {} characters", name, kMaxNameLength));
+  ArmSpec spec;
+  spec.name = name;
+  for (const auto& p : arm.preprocess) spec.preprocessors.push_back(p.ref());
+  if (arm.mask) spec.mask = arm.mask->ref();
+  spec.quantizer = arm.quantizer.ref();
+  return spec;
+}
+
+// One arm per budget target: the candidate whose predicted all-in bits per weight on the model's
+// shapes is the largest not above the target (ties: the largest value).
+void expand_budget(const Doc& doc, const SchemaSource& schemas, const std::vector<LinearShape>& shapes,
+                   const ArmDraft& arm, const std::string& name, std::vector<ArmSpec>& out) {
+  const Budget& b = *arm.budget;
+  Axis probe;
+  probe.target = b.target;
+  std::vector<double> bits(b.candidates.size());
+  for (std::size_t i = 0; i < b.candidates.size(); ++i) {
+    ArmDraft a = arm;
+    axis_component(a, probe)->given[b.param] = b.candidates[i];
+    const std::optional<ComponentRef> mask = a.mask ? std::optional<ComponentRef>(a.mask->ref()) : std::nullopt;
+    try {
+      bits[i] = schemas.predict_bits(a.quantizer.ref(), mask, shapes).all_in_per_weight();
+    } catch (const Error& e) {
+      doc.fail(b.mark, fmt::format("bit budget of arm '{}': {}; a budget needs bits that follow from the shapes", name,
+                                   e.what()));
+    }
+  }
+  const auto [lo, hi] = std::minmax_element(bits.begin(), bits.end());
+  if (*lo == *hi)
+    doc.fail(b.parameter_mark, fmt::format("budget parameter '{}' does not change the predicted bits of arm '{}' "
+                                           "(always {:.4f} all-in bits per weight)",
+                                           b.path, name, *lo));
+  for (std::size_t t = 0; t < b.targets.size(); ++t) {
+    const auto pick = pick_for_budget(b.targets[t], bits);
+    if (!pick)
+      doc.fail(b.target_marks[t], fmt::format("bit budget {} is unreachable for arm '{}' on this model: {} in [{}, {}] "
+                                              "gives {:.4f} to {:.4f} all-in bits per weight",
+                                              param_value_text(b.targets[t]), name, b.path, param_value_text(b.lo),
+                                              param_value_text(b.hi), *lo, *hi));
+    ArmDraft a = arm;
+    axis_component(a, probe)->given[b.param] = b.candidates[*pick];
+    ArmSpec spec = make_spec(doc, a, name + "-budget" + param_value_text(b.targets[t]));
+    spec.budget = BudgetSpec{b.targets[t], b.path, b.candidates[*pick], bits[*pick]};
+    out.push_back(std::move(spec));
+  }
+}
+
 // Expands one arm's sweep into final arms (just the arm when it has no sweep).
-std::vector<ArmSpec> expand(const Doc& doc, const ArmDraft& draft) {
+std::vector<ArmSpec> expand(const Doc& doc, const SchemaSource& schemas, const std::vector<LinearShape>& shapes,
+                            const ArmDraft& draft) {
   std::map<std::string, int> param_uses;
   for (const auto& a : draft.axes) ++param_uses[a.param];
   std::vector<ArmSpec> out;
@@ -877,15 +1045,10 @@ std::vector<ArmSpec> expand(const Doc& doc, const ArmDraft& draft) {
       axis_component(arm, axis)->given[axis.param] = v;
       name += "-" + (param_uses[axis.param] > 1 ? axis.path : axis.param) + param_value_text(v);
     }
-    name = sanitize_name(name);
-    if (name.size() > kMaxNameLength)
-      doc.fail(draft.name_mark, fmt::format("sweep arm name '{}' is longer than {} characters", name, kMaxNameLength));
-    ArmSpec spec;
-    spec.name = name;
-    for (const auto& p : arm.preprocess) spec.preprocessors.push_back(p.ref());
-    if (arm.mask) spec.mask = arm.mask->ref();
-    spec.quantizer = arm.quantizer.ref();
-    out.push_back(std::move(spec));
+    if (arm.budget)
+      expand_budget(doc, schemas, shapes, arm, name, out);
+    else
+      out.push_back(make_spec(doc, arm, name));
   }
   return out;
 }
@@ -898,6 +1061,10 @@ class RegistrySchemas final : public SchemaSource {
     return registry_.find(kind, name);
   }
   std::vector<std::string> names(ComponentKind kind) const override { return registry_.names(kind); }
+  BitCount predict_bits(const ComponentRef& quantizer, const std::optional<ComponentRef>& mask,
+                        const std::vector<LinearShape>& shapes) const override {
+    return predict_arm_bits(registry_, quantizer, mask, shapes);
+  }
 
  private:
   const PluginRegistry& registry_;
@@ -988,14 +1155,16 @@ Experiment load_experiment(const fs::path& yaml_file, const SchemaSource& schema
   const Entry& arms = top.require("arms");
   if (!arms.value.IsSequence()) doc.fail(arms.mark(), fmt::format("arms must be a list of arms, got {}", describe(arms.value)));
   if (arms.value.size() == 0) doc.fail(arms.mark(), "arms is empty (an experiment needs at least one arm)");
+  const auto shapes = linear_shapes(config);
   std::map<std::string, int> names;  // name -> line of the arm that made it
   for (std::size_t i = 0; i < arms.value.size(); ++i) {
     const ArmDraft draft = read_arm(doc, schemas, arms.value[i], i, base);
-    for (auto& arm : expand(doc, draft)) {
+    for (auto& arm : expand(doc, schemas, shapes, draft)) {
       auto [pos, inserted] = names.emplace(arm.name, draft.name_mark.line + 1);
       if (!inserted)
         doc.fail(draft.name_mark, fmt::format("duplicate arm name '{}'{} (first made at line {})", arm.name,
-                                              draft.axes.empty() ? "" : " from this arm's sweep", pos->second));
+                                              draft.axes.empty() && !draft.budget ? "" : " from this arm's sweep",
+                                              pos->second));
       x.arms.push_back(std::move(arm));
     }
   }

@@ -15,12 +15,7 @@
 namespace ptqlab {
 namespace {
 
-struct Entry {
-  std::string method, model, status;
-  double bits_paper = 0, bits_all_in = 0;
-  std::map<std::string, std::string> switches;  // "quantizer.bits" -> "2", ...
-  std::map<std::string, double> values;         // column key "evaluator/dataset" -> metric value
-};
+using Entry = ResultEntry;
 
 // Flattens the arm's components into "kind.param" switches for the ablation layout.
 void collect_switches(const YAML::Node& arm, std::map<std::string, std::string>& out) {
@@ -37,7 +32,18 @@ void collect_switches(const YAML::Node& arm, std::map<std::string, std::string>&
       component(fmt::format("preprocess.{}", i), arm["preprocess"][i]);
 }
 
-Entry load_entry(const std::filesystem::path& file, const std::string& metric) {
+}  // namespace
+
+std::optional<double> budget_target_bits(const std::string& config_yaml) {
+  try {
+    const YAML::Node n = YAML::Load(config_yaml)["arm"]["budget"]["target_bits"];
+    if (n && n.IsScalar()) return n.as<double>();
+  } catch (const YAML::Exception&) {
+  }
+  return std::nullopt;
+}
+
+ResultEntry load_result_entry(const std::filesystem::path& file, const std::string& metric) {
   const ArmResult r = read_arm_result(file);
   Entry e;
   static const std::regex seed_suffix("-seed[0-9]+$");
@@ -49,6 +55,7 @@ Entry load_entry(const std::filesystem::path& file, const std::string& metric) {
     const YAML::Node cfg = YAML::Load(r.config_yaml);
     e.model = std::filesystem::path(cfg["model"].as<std::string>()).filename().string();
     collect_switches(cfg["arm"], e.switches);
+    e.target_bits = budget_target_bits(r.config_yaml);
   } catch (const YAML::Exception& ex) {
     throw Error(fmt::format("{}: the stored /config is not valid YAML ({})", file.string(), ex.what()));
   }
@@ -60,6 +67,8 @@ Entry load_entry(const std::filesystem::path& file, const std::string& metric) {
   // A failed arm has no metrics: keep its cells as NaN so the row shows it.
   return e;
 }
+
+namespace {
 
 struct Cell {
   std::vector<double> values;
@@ -186,7 +195,7 @@ std::string make_report(const std::vector<std::filesystem::path>& inputs, const 
   if (o.layout != "paper" && o.layout != "ablation" && o.layout != "long")
     throw Error(fmt::format("--layout '{}': must be paper, ablation or long", o.layout));
   std::vector<Entry> entries;
-  for (const auto& f : find_result_files(inputs)) entries.push_back(load_entry(f, o.metric));
+  for (const auto& f : find_result_files(inputs)) entries.push_back(load_result_entry(f, o.metric));
 
   // Metric columns: (model, evaluator/dataset) in first-seen order.
   std::vector<std::pair<std::string, std::string>> columns;
@@ -274,6 +283,10 @@ std::string make_report(const std::vector<std::filesystem::path>& inputs, const 
   }
   t.header.push_back("bits (paper)");
   t.header.push_back("bits (all-in)");
+  // Budget arms: the all-in target next to what was achieved (only when some arm has one).
+  bool any_budget = false;
+  for (const auto& e : entries) any_budget = any_budget || e.target_bits.has_value();
+  if (any_budget) t.header.push_back("target bits");
   for (const auto& c : columns) t.header.push_back(column_title(c));
   if (o.format == "csv") {
     t.header.push_back("seeds");
@@ -283,7 +296,7 @@ std::string make_report(const std::vector<std::filesystem::path>& inputs, const 
   std::vector<std::vector<Cell>> cells(row_order.size(), std::vector<Cell>(columns.size()));
   for (std::size_t r = 0; r < row_order.size(); ++r) {
     const auto& g = groups[row_order[r]];
-    std::vector<double> paper, all_in;
+    std::vector<double> paper, all_in, targets;
     std::set<std::string> statuses;
     std::vector<std::string> row;
     if (o.layout == "paper") {
@@ -295,6 +308,7 @@ std::string make_report(const std::vector<std::filesystem::path>& inputs, const 
     for (const auto* e : g) {
       paper.push_back(e->bits_paper);
       all_in.push_back(e->bits_all_in);
+      if (e->target_bits) targets.push_back(*e->target_bits);
       statuses.insert(e->status);
       for (std::size_t c = 0; c < columns.size(); ++c) {
         if (e->model != columns[c].first) continue;
@@ -311,9 +325,11 @@ std::string make_report(const std::vector<std::filesystem::path>& inputs, const 
       };
       row.push_back(fmt::format("{}", mean(paper)));
       row.push_back(fmt::format("{}", mean(all_in)));
+      if (any_budget) row.push_back(targets.empty() ? "" : fmt::format("{}", mean(targets)));
     } else {
       row.push_back(bits_text(paper));
       row.push_back(bits_text(all_in));
+      if (any_budget) row.push_back(targets.empty() ? "–" : bits_text(targets));
     }
     std::size_t seeds = 0;
     for (std::size_t c = 0; c < columns.size(); ++c) {

@@ -24,6 +24,7 @@
 #include "ptqlab/perplexity.hpp"
 #include "ptqlab/plugin.hpp"
 #include "ptqlab/progress.hpp"
+#include "ptqlab/report.hpp"
 #include "ptqlab/text_file.hpp"
 #include "ptqlab/tokenizer.hpp"
 
@@ -432,6 +433,10 @@ std::string format_results_table(const RunReport& report) {
   };
   std::vector<std::vector<std::string>> rows;
   std::vector<std::string> header = {"arm", "status", "bits (paper)", "bits (all-in)"};
+  // Arms chosen by a bit budget show their all-in target beside the achieved bits.
+  bool any_budget = false;
+  for (const auto& a : report.arms) any_budget = any_budget || budget_target_bits(a.result.config_yaml).has_value();
+  if (any_budget) header.push_back("target");
   for (const auto& [ev, ds] : columns) header.push_back(ev == "perplexity" ? ds + " ppl" : ev + "/" + ds);
   header.push_back("time");
   rows.push_back(header);
@@ -442,6 +447,10 @@ std::string format_results_table(const RunReport& report) {
                                                                    : "FAILED";
     std::vector<std::string> row = {a.arm, status, fmt::format("{:.3f}", r.total_bits.paper_per_weight()),
                                     fmt::format("{:.3f}", r.total_bits.all_in_per_weight())};
+    if (any_budget) {
+      const auto target = budget_target_bits(r.config_yaml);
+      row.push_back(target ? fmt::format("{:.3f}", *target) : "-");
+    }
     for (const auto& [ev, ds] : columns) {
       auto e = r.metrics.find(ev);
       if (e == r.metrics.end() || e->second.find(ds) == e->second.end()) {

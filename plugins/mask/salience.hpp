@@ -71,6 +71,20 @@ inline SalientMask threshold_mask(const Matrix& score, double low_frac, Index gr
   return m;
 }
 
+// How many weights threshold_mask marks on an [rows, cols] score matrix when the scores are
+// distinct (bit budgets predict from this): per group of n scores, n - floor(n · low_frac) - 1,
+// or none when floor(n · low_frac) >= n.
+inline std::int64_t predicted_threshold_count(Index rows, Index cols, double low_frac, Index group) {
+  const Index step = group > 0 ? group : std::max<Index>(cols, 1);
+  std::int64_t count = 0;
+  for (Index c0 = 0; c0 < cols; c0 += step) {
+    const auto n = static_cast<Index>(rows * (std::min(c0 + step, cols) - c0));
+    const auto k = static_cast<Index>(std::floor(static_cast<double>(n) * low_frac));
+    if (n > 0 && k < n) count += n - k - 1;
+  }
+  return count;
+}
+
 // Storage encodings of a mask (docs/methods/masks.md):
 //   bitmap: elements rows·cols bits, channels cols bits;
 //   csr:    elements nnz·⌈log2 cols⌉ (column index per salient weight) + (rows+1)·⌈log2(nnz+1)⌉
@@ -88,14 +102,24 @@ inline double ceil_log2(std::int64_t n) {  // bits to store an index in [0, n)
   return b;
 }
 
+// The cost of a mask of `shape` with `nnz` salient entries on an [rows, cols] weight.
+inline double storage_bits(SalientMask::Shape shape, Index rows, Index cols, std::int64_t nnz, Encoding e) {
+  const auto r = static_cast<double>(rows), c = static_cast<double>(cols);
+  if (shape == SalientMask::Shape::channels) return e == Encoding::bitmap ? c : static_cast<double>(nnz) * ceil_log2(cols);
+  if (e == Encoding::bitmap) return r * c;
+  return static_cast<double>(nnz) * ceil_log2(cols) + (r + 1.0) * ceil_log2(nnz + 1);
+}
+
 inline double storage_bits(const SalientMask& m, Encoding e) {
-  const auto rows = static_cast<double>(m.rows), cols = static_cast<double>(m.cols);
   std::int64_t nnz = 0;
   for (auto s : m.salient) nnz += s != 0;
-  if (m.shape == SalientMask::Shape::channels)
-    return e == Encoding::bitmap ? cols : static_cast<double>(nnz) * ceil_log2(m.cols);
-  if (e == Encoding::bitmap) return rows * cols;
-  return static_cast<double>(nnz) * ceil_log2(m.cols) + (rows + 1.0) * ceil_log2(nnz + 1);
+  return storage_bits(m.shape, m.rows, m.cols, nnz, e);
+}
+
+// The prediction of a threshold (element) mask, for Mask::predict.
+inline MaskPrediction predicted_threshold_mask(Index rows, Index cols, double low_frac, Index group, Encoding e) {
+  const auto nnz = predicted_threshold_count(rows, cols, low_frac, group);
+  return {SalientMask::Shape::elements, nnz, storage_bits(SalientMask::Shape::elements, rows, cols, nnz, e)};
 }
 
 // The mask as a 0/1 matrix: [rows, cols] for element masks, [1, cols] for channel masks.

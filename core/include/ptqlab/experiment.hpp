@@ -12,6 +12,7 @@
 #include <string>
 #include <vector>
 
+#include "ptqlab/bits.hpp"
 #include "ptqlab/params.hpp"
 
 namespace ptqlab {
@@ -26,11 +27,21 @@ struct ComponentRef {
   Params params;
 };
 
+// A bit budget resolved for one arm (docs/experiments.md "Bit budgets"): the parameter value
+// whose predicted all-in bits per weight is the largest not above the target.
+struct BudgetSpec {
+  double target_bits = 0;     // all-in bits per weight asked for
+  std::string parameter;      // "quantizer.ratio", "mask.ratio"
+  ParamValue value;           // the chosen value (also in the component's params)
+  double predicted_bits = 0;  // predicted all-in bits per weight with it (<= target_bits)
+};
+
 struct ArmSpec {
   std::string name;                         // unique, [A-Za-z0-9._-]+, file name of its result
   std::vector<ComponentRef> preprocessors;  // applied in order
   std::optional<ComponentRef> mask;
   ComponentRef quantizer;
+  std::optional<BudgetSpec> budget;  // when a sweep budget chose a parameter
   std::string resolved_yaml;  // the arm's fully resolved configuration, canonical YAML
   std::string config_hash;    // sha256 hex of resolved_yaml: the resume key
 };
@@ -67,6 +78,14 @@ struct Experiment {
 // Reads plugin_paths from the file only (so the caller can load plugins before full validation).
 std::vector<std::filesystem::path> experiment_plugin_paths(const std::filesystem::path& yaml_file);
 
+// The quantized linears of a model by shape: [rows, cols] = [out, in] and how many there are.
+struct LinearShape {
+  std::int64_t rows = 0, cols = 0, count = 0;
+};
+// q, k, v, o, gate, up, down of every decoder layer, equal shapes merged, in first-seen order.
+struct LlamaConfig;
+std::vector<LinearShape> linear_shapes(const LlamaConfig& config);
+
 // Where load_experiment looks up component schemas: the PluginRegistry in the engine, a fixed set
 // of schemas in tests.
 class SchemaSource {
@@ -76,7 +95,25 @@ class SchemaSource {
   virtual const ComponentSchema* find(ComponentKind kind, const std::string& name) const = 0;
   // Every component name of a kind (for "did you mean" hints and lists of known names).
   virtual std::vector<std::string> names(ComponentKind kind) const = 0;
+  // The ledger summed over `shapes` (each counted `count` times) that an arm with this quantizer
+  // and mask would record, predicted from shapes and parameters alone (bit budgets). Throws
+  // ptqlab::Error saying which component cannot predict (its bits depend on the data). The
+  // default: no prediction available.
+  virtual BitCount predict_bits(const ComponentRef& quantizer, const std::optional<ComponentRef>& mask,
+                                const std::vector<LinearShape>& shapes) const;
 };
+
+// SchemaSource::predict_bits with the registry's plugins: Quantizer::predict_bits on each shape
+// with the Mask::predict of the arm mask, plus the mask's storage (as the engine adds it).
+BitCount predict_arm_bits(const PluginRegistry& registry, const ComponentRef& quantizer,
+                          const std::optional<ComponentRef>& mask, const std::vector<LinearShape>& shapes);
+
+// The candidate values a budget searches: lo, lo + step, ... up to hi (both included; reals
+// rounded to 12 significant digits so names stay short), as ints for int parameters.
+std::vector<ParamValue> budget_candidates(ParamType type, double lo, double hi, double step);
+// The index of the candidate whose bits are the largest not above target (ties: the last, i.e.
+// the largest value), or nullopt when every candidate is above it.
+std::optional<std::size_t> pick_for_budget(double target_bits, const std::vector<double>& candidate_bits);
 
 // Loads and validates the file against the registry's component schemas. Relative paths in the
 // file are resolved against the file's directory. calibration.seq_len comes back resolved (never 0).

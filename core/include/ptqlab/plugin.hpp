@@ -25,7 +25,7 @@
 #include "ptqlab/model.hpp"
 #include "ptqlab/params.hpp"
 
-#define PTQLAB_PLUGIN_ABI_VERSION 1
+#define PTQLAB_PLUGIN_ABI_VERSION 2
 
 namespace ptqlab {
 
@@ -73,6 +73,14 @@ struct SalientMask {
     return shape == Shape::channels ? salient[c] != 0 : salient[r * cols + c] != 0;
   }
   std::int64_t count() const;
+};
+
+// What a mask would select on an [out, in] weight, predicted from the shape and its parameters
+// alone (bit budgets, docs/bit-accounting.md): assumes distinct scores (no ties).
+struct MaskPrediction {
+  SalientMask::Shape shape = SalientMask::Shape::channels;
+  std::int64_t salient = 0;  // channels: salient input columns; elements: salient weights
+  double storage_bits = 0;   // what SalientMask::storage_bits would be
 };
 
 // Everything a per-linear step may use. Calibration-derived inputs are computed on first use and
@@ -133,6 +141,14 @@ class Quantizer {
   // Decoder-layer quantizers that train against the FP stream ask for it (it costs one more copy of
   // the calibration activations and one more FP pass per layer).
   virtual bool needs_fp_stream() const { return false; }
+  // The ledger quantizing an [rows, cols] weight would return, from the shape and the parameters
+  // alone, given the arm mask's prediction (nullptr: the arm has no mask). Used by bit budgets to
+  // choose a parameter without running anything. nullopt (the default): the bits depend on the
+  // data (BiLLM's salient column counts), so budgets cannot be used with this quantizer.
+  virtual std::optional<BitCount> predict_bits(Eigen::Index /*rows*/, Eigen::Index /*cols*/,
+                                               const MaskPrediction* /*mask*/) const {
+    return std::nullopt;
+  }
 };
 
 class Mask {
@@ -141,6 +157,11 @@ class Mask {
   virtual SalientMask select(const LinearContext& ctx, const Matrix& weight) = 0;
   virtual bool needs_hessian() const { return false; }
   virtual bool needs_input_stats() const { return false; }
+  // How many weights or channels select() would mark on an [rows, cols] weight and what storing
+  // them costs, from the shape and parameters alone; nullopt (the default): it depends on the data.
+  virtual std::optional<MaskPrediction> predict(Eigen::Index /*rows*/, Eigen::Index /*cols*/) const {
+    return std::nullopt;
+  }
 };
 
 // Transforms the whole model before quantization. `quantize` runs the arm's mask and quantizer on

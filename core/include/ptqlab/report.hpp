@@ -8,6 +8,8 @@
 // for perplexity). A missing cell is "–"; a failed or collapsed run shows its value or NaN, never
 // disappears.
 #include <filesystem>
+#include <map>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -18,6 +20,23 @@ struct ReportOptions {
   std::string layout = "paper";   // paper | ablation | long
   std::string metric = "ppl";     // which metric of each evaluator/dataset fills the cells
 };
+
+// One result file as the report and plot commands see it.
+struct ResultEntry {
+  std::string method;  // the arm name without a trailing "-seed<N>"
+  std::string model;   // the model directory's name
+  std::string status;  // "ok" or "failed"
+  double bits_paper = 0, bits_all_in = 0;
+  std::optional<double> target_bits;            // the arm's bit budget (all-in), if a budget chose it
+  std::map<std::string, std::string> switches;  // "quantizer.bits" -> "2", ...
+  std::map<std::string, double> values;         // "evaluator/dataset" -> the chosen metric's value
+};
+
+// Reads one result file (throws ptqlab::Error naming it when it is not one).
+ResultEntry load_result_entry(const std::filesystem::path& file, const std::string& metric);
+
+// The all-in bit budget recorded in a resolved arm config (arm.budget.target_bits), if any.
+std::optional<double> budget_target_bits(const std::string& config_yaml);
 
 // Result files (*.h5, dot files skipped) found under the given files or directories, sorted.
 std::vector<std::filesystem::path> find_result_files(const std::vector<std::filesystem::path>& inputs);

@@ -10,6 +10,10 @@ class ActivationChannels : public ptqlab::Mask {
  public:
   explicit ActivationChannels(const ptqlab::Params& p) : ratio_(p.get_real("ratio")), statistic_(p.get_string("statistic")) {}
   bool needs_input_stats() const override { return true; }
+  std::optional<ptqlab::MaskPrediction> predict(Eigen::Index, Eigen::Index cols) const override {
+    return ptqlab::MaskPrediction{ptqlab::SalientMask::Shape::channels,
+                                  ptqlab::ptq161::predicted_channel_count(cols, ratio_), static_cast<double>(cols)};
+  }
   ptqlab::SalientMask select(const ptqlab::LinearContext& ctx, const ptqlab::Matrix& weight) override {
     auto m = ptqlab::ptq161::activation_channel_mask(ptqlab::ptq161::channel_statistic(ctx.input_stats(), statistic_),
                                                      weight.rows(), ratio_);

@@ -31,6 +31,13 @@ inline SalientMask activation_channel_mask(const Eigen::VectorXf& stat, Eigen::I
   return m;
 }
 
+// How many channels activation_channel_mask marks among n when the statistics are distinct (bit
+// budgets predict from this): floor(ratio * n) + 1, capped at n; none for ratio 0.
+inline Eigen::Index predicted_channel_count(Eigen::Index n, double ratio) {
+  if (ratio <= 0.0 || n == 0) return 0;
+  return std::min<Eigen::Index>(static_cast<Eigen::Index>(ratio * static_cast<double>(n)), n - 1) + 1;
+}
+
 inline const Eigen::VectorXf& channel_statistic(const InputStats& s, const std::string& statistic) {
   return statistic == "mean" ? s.mean_abs : s.max_abs;
 }

@@ -21,6 +21,10 @@ class HessianElementwiseMask : public ptqlab::Mask {
 
   bool needs_hessian() const override { return true; }
 
+  std::optional<ptqlab::MaskPrediction> predict(Index rows, Index cols) const override {
+    return ptqlab::salience::predicted_threshold_mask(rows, cols, 1.0 - ratio_, group_, encoding_);
+  }
+
   ptqlab::SalientMask select(const ptqlab::LinearContext& ctx, const ptqlab::Matrix& weight) override {
     const auto prepared = ptqlab::salience::prepare(ctx, weight, percdamp_);
     const auto scores =

@@ -27,6 +27,14 @@ class HessianSalienceMask : public ptqlab::Mask {
 
   bool needs_hessian() const override { return true; }
 
+  // The count is fixed by the parameters (columns, or round(ratio · n) per block), not the data.
+  std::optional<ptqlab::MaskPrediction> predict(Index, Index cols) const override {
+    std::int64_t k = 0;
+    for (Index b0 = 0; b0 < cols; b0 += step(cols)) k += per_block(std::min(b0 + step(cols), cols) - b0);
+    return ptqlab::MaskPrediction{ptqlab::SalientMask::Shape::channels, k,
+                                  ptqlab::salience::storage_bits(ptqlab::SalientMask::Shape::channels, 0, cols, k, encoding_)};
+  }
+
   ptqlab::SalientMask select(const ptqlab::LinearContext& ctx, const ptqlab::Matrix& weight) override {
     const auto prepared = ptqlab::salience::prepare(ctx, weight, percdamp_);
     const Eigen::VectorXd inv_u2 = ptqlab::salience::inverse_u_diag_squared(prepared.factor.U);
@@ -40,12 +48,10 @@ class HessianSalienceMask : public ptqlab::Mask {
     mask.rows = weight.rows();
     mask.cols = cols;
     mask.salient.assign(static_cast<std::size_t>(cols), 0);
-    const Index step = block_ > 0 ? block_ : std::max<Index>(cols, 1);
     std::vector<Index> order;
-    for (Index b0 = 0; b0 < cols; b0 += step) {
-      const Index b1 = std::min(b0 + step, cols), n = b1 - b0;
-      const Index k = std::min<Index>(
-          n, columns_ > 0 ? columns_ : static_cast<Index>(std::llround(ratio_ * static_cast<double>(n))));
+    for (Index b0 = 0; b0 < cols; b0 += step(cols)) {
+      const Index b1 = std::min(b0 + step(cols), cols), n = b1 - b0;
+      const Index k = per_block(n);
       order.resize(static_cast<std::size_t>(n));
       std::iota(order.begin(), order.end(), b0);
       std::stable_sort(order.begin(), order.end(), [&](Index a, Index b) { return score(a) > score(b); });
@@ -57,6 +63,12 @@ class HessianSalienceMask : public ptqlab::Mask {
   }
 
  private:
+  Index step(Index cols) const { return block_ > 0 ? block_ : std::max<Index>(cols, 1); }
+  // Salient columns in a block of n.
+  Index per_block(Index n) const {
+    return std::min<Index>(n, columns_ > 0 ? columns_ : static_cast<Index>(std::llround(ratio_ * static_cast<double>(n))));
+  }
+
   double ratio_;
   Index columns_, block_;
   double percdamp_;

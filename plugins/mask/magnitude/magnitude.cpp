@@ -17,6 +17,10 @@ class MagnitudeMask : public ptqlab::Mask {
         group_(p.get_int("group_size")),
         encoding_(ptqlab::salience::parse_encoding(p.get_string("encoding"))) {}
 
+  std::optional<ptqlab::MaskPrediction> predict(Index rows, Index cols) const override {
+    return ptqlab::salience::predicted_threshold_mask(rows, cols, 1.0 - ratio_, group_, encoding_);
+  }
+
   ptqlab::SalientMask select(const ptqlab::LinearContext& ctx, const ptqlab::Matrix& weight) override {
     ptqlab::Matrix w = weight;
     if (ctx.hessian) {

@@ -6,10 +6,14 @@ namespace {
 class FullPrecision : public ptqlab::Quantizer {
  public:
   ptqlab::BitCount quantize_linear(const ptqlab::LinearContext&, ptqlab::Matrix& weight) override {
+    return *predict_bits(weight.rows(), weight.cols(), nullptr);
+  }
+  std::optional<ptqlab::BitCount> predict_bits(Eigen::Index rows, Eigen::Index cols,
+                                               const ptqlab::MaskPrediction*) const override {
     // Counted as FP16 storage, the convention of the "FP16" rows in PTQ papers.
     ptqlab::BitCount bits;
-    bits.weights = weight.size();
-    bits.payload = 16.0 * static_cast<double>(weight.size());
+    bits.weights = rows * cols;
+    bits.payload = 16.0 * static_cast<double>(rows * cols);
     bits.paper = bits.payload;
     return bits;
   }

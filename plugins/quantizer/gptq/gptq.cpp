@@ -72,13 +72,21 @@ class Gptq : public ptqlab::Quantizer {
       run(w, factor.U, order);
     }
 
-    auto b = ptqlab::uniform_grid_ledger(w.rows(), w.cols(), bits_, group_, symmetric_);
-    // act-order with groups needs each input column's group index (g_idx, int32) to dequantize.
-    b.masks = act_order_ && group_ > 0 ? 32.0 * static_cast<double>(w.cols()) : 0.0;
-    return b;
+    return ledger(w.rows(), w.cols());
+  }
+
+  std::optional<ptqlab::BitCount> predict_bits(Index rows, Index cols, const ptqlab::MaskPrediction*) const override {
+    return ledger(rows, cols);
   }
 
  private:
+  ptqlab::BitCount ledger(Index rows, Index cols) const {
+    auto b = ptqlab::uniform_grid_ledger(rows, cols, bits_, group_, symmetric_);
+    // act-order with groups needs each input column's group index (g_idx, int32) to dequantize.
+    b.masks = act_order_ && group_ > 0 ? 32.0 * static_cast<double>(cols) : 0.0;
+    return b;
+  }
+
   void run(ptqlab::Matrix& w, const Eigen::MatrixXd& U, const std::vector<Index>& order) const {
     const int bits = bits_;
     const bool sym = symmetric_;

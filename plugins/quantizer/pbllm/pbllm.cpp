@@ -123,20 +123,35 @@ class PbLlm : public ptqlab::Quantizer {
     }
     if (ctx.log != nullptr && ctx.log->enabled()) ctx.log->tensor(ctx.log_prefix + "/weight", w);
 
-    // The ledger (docs/methods/pbllm.md).
-    const std::int64_t n = w.size(), salient = mask->count();
-    const double groups = static_cast<double>(p.mu.cols()) * static_cast<double>(rows);
-    ptqlab::BitCount b;
-    b.weights = n;
-    b.payload = static_cast<double>(n - salient) + static_cast<double>(high_bits_) * static_cast<double>(salient);
-    b.scales = 16.0 * groups + 16.0 * static_cast<double>(rows);             // FP16 α per group, FP16 grid scale per row
-    b.zeros = 16.0 * groups + static_cast<double>(high_bits_) * rows;        // FP16 μ per group, integer grid zero per row
-    b.masks = ctx.mask == nullptr ? own.storage_bits : 0.0;                  // the engine adds an arm mask's own cost
-    b.paper = b.payload + (eq3_ ? static_cast<double>(n) : 0.0);             // 1·r_bin + high·r_sal (+1 bitmap, Eq. 3)
-    return b;
+    return ledger(rows, cols, mask->count(), ctx.mask == nullptr ? own.storage_bits : 0.0);
+  }
+
+  std::optional<ptqlab::BitCount> predict_bits(Index rows, Index cols, const ptqlab::MaskPrediction* mask) const override {
+    if (mask != nullptr)  // the engine adds the arm mask's storage
+      return ledger(rows, cols, mask->shape == ptqlab::SalientMask::Shape::channels ? mask->salient * rows : mask->salient,
+                    0.0);
+    const auto own = ptqlab::salience::predicted_threshold_mask(rows, cols, low_frac_, group_, encoding_);
+    return ledger(rows, cols, own.salient, own.storage_bits);
   }
 
  private:
+  // The ledger (docs/methods/pbllm.md): `salient` weights at high_bits, the rest 1 bit; `own_mask_bits`
+  // the own mask's storage (an arm mask's is added by the engine).
+  ptqlab::BitCount ledger(Index rows, Index cols, std::int64_t salient, double own_mask_bits) const {
+    const std::int64_t n = rows * cols;
+    const Index step = group_ > 0 && group_ < cols ? group_ : cols;
+    const Index groups_per_row = step > 0 ? std::max<Index>((cols + step - 1) / step, 1) : 1;
+    const double groups = static_cast<double>(groups_per_row) * static_cast<double>(rows);
+    ptqlab::BitCount b;
+    b.weights = n;
+    b.payload = static_cast<double>(n - salient) + static_cast<double>(high_bits_) * static_cast<double>(salient);
+    b.scales = 16.0 * groups + 16.0 * static_cast<double>(rows);       // FP16 α per group, FP16 grid scale per row
+    b.zeros = 16.0 * groups + static_cast<double>(high_bits_) * rows;  // FP16 μ per group, integer grid zero per row
+    b.masks = own_mask_bits;
+    b.paper = b.payload + (eq3_ ? static_cast<double>(n) : 0.0);  // 1·r_bin + high·r_sal (+1 bitmap, Eq. 3)
+    return b;
+  }
+
   // μ, α per row and group from the weights (dead columns zeroed) with salient entries zeroed.
   void fit_binarizer(const Matrix& w, const ptqlab::SalientMask& mask, PbParams& p) const {
     const Index rows = w.rows(), cols = w.cols();

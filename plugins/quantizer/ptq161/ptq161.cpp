@@ -71,6 +71,15 @@ class Ptq161 : public ptqlab::Quantizer {
   bool needs_input_stats() const override { return use_mask_; }
   bool needs_fp_stream() const override { return training() && target_fp_; }
 
+  std::optional<ptqlab::BitCount> predict_bits(Eigen::Index rows, Eigen::Index cols,
+                                               const ptqlab::MaskPrediction* mask) const override {
+    if (mask != nullptr) {
+      if (mask->shape != ptqlab::SalientMask::Shape::channels) return std::nullopt;  // refused at run time
+      return ledger(rows, cols, mask->salient, false);
+    }
+    return ledger(rows, cols, use_mask_ ? ptqlab::ptq161::predicted_channel_count(cols, ratio_) : 0, use_mask_);
+  }
+
   std::array<ptqlab::BitCount, 7> quantize_layer(const ptqlab::LayerContext& ctx, ptqlab::DecoderLayer& layer) override {
     std::vector<BinaryScales> scales;
     std::array<bool, 7> own_mask{};
@@ -105,7 +114,7 @@ class Ptq161 : public ptqlab::Quantizer {
     for (std::size_t i = 0; i < kAllLinears.size(); ++i) {
       const auto& sc = scales[i];
       scales[i].effective(layer.linear(kAllLinears[i]));
-      bits[i] = ledger(sc, own_mask[i]);
+      bits[i] = ledger(sc.s.size(), sc.r2.size(), sc.salient_count(), own_mask[i]);
       if (ctx.log != nullptr && ctx.log->enabled()) {
         const auto prefix = fmt::format("{}/{}", ctx.log_prefix, ptqlab::linear_name(kAllLinears[i]));
         ctx.log->tensor(prefix + "/s", Matrix(sc.s.transpose()));
@@ -120,9 +129,9 @@ class Ptq161 : public ptqlab::Quantizer {
   bool training() const { return learn_scales_ && epochs_ > 0; }
 
   // research/ptq161.md §7: code-faithful all-in count and the paper's own arithmetic.
-  ptqlab::BitCount ledger(const BinaryScales& sc, bool own_mask) const {
-    const double rows = static_cast<double>(sc.s.size()), cols = static_cast<double>(sc.r2.size());
-    const double k = static_cast<double>(sc.salient_count()), n = rows * cols;
+  ptqlab::BitCount ledger(Eigen::Index out, Eigen::Index in, Eigen::Index salient, bool own_mask) const {
+    const double rows = static_cast<double>(out), cols = static_cast<double>(in);
+    const double k = static_cast<double>(salient), n = rows * cols;
     ptqlab::BitCount b;
     b.weights = static_cast<std::int64_t>(n);
     b.payload = rows * (cols - k) * 1.0 + rows * k * salient_bits_;

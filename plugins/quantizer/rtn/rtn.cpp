@@ -21,6 +21,11 @@ class RoundToNearest : public ptqlab::Quantizer {
         group_size_(p.get_int("group_size")),
         symmetric_(p.get_bool("symmetric")) {}
 
+  std::optional<ptqlab::BitCount> predict_bits(Eigen::Index rows, Eigen::Index cols,
+                                               const ptqlab::MaskPrediction*) const override {
+    return ptqlab::uniform_grid_ledger(rows, cols, bits_, group_size_, symmetric_);
+  }
+
   ptqlab::BitCount quantize_linear(const ptqlab::LinearContext&, Matrix& w) override {
     const Eigen::Index cols = w.cols();
     const Eigen::Index group = group_size_ > 0 ? std::min<Eigen::Index>(group_size_, cols) : cols;

@@ -21,12 +21,17 @@ class SignQuantizer : public ptqlab::Quantizer {
     }
     if (ctx.log != nullptr && ctx.log->enabled()) ctx.log->tensor(ctx.log_prefix + "/weight", w);
 
+    return *predict_bits(w.rows(), w.cols(), nullptr);
+  }
+
+  std::optional<ptqlab::BitCount> predict_bits(Eigen::Index rows, Eigen::Index cols,
+                                               const ptqlab::MaskPrediction*) const override {
     ptqlab::BitCount bits;
-    bits.weights = w.size();
-    bits.payload = static_cast<double>(w.size());               // one sign bit per weight
-    bits.scales = 16.0 * static_cast<double>(w.rows());         // FP16 α per row
-    bits.zeros = center_ ? 16.0 * static_cast<double>(w.rows()) : 0.0;  // FP16 μ per row
-    bits.paper = bits.payload;                                  // "1 bit"
+    bits.weights = rows * cols;
+    bits.payload = static_cast<double>(rows * cols);                 // one sign bit per weight
+    bits.scales = 16.0 * static_cast<double>(rows);                  // FP16 α per row
+    bits.zeros = center_ ? 16.0 * static_cast<double>(rows) : 0.0;  // FP16 μ per row
+    bits.paper = bits.payload;                                       // "1 bit"
     return bits;
   }
 

@@ -1,0 +1,291 @@
+#include "ptqlab/plot.hpp"
+
+#include <fcntl.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cmath>
+#include <cstdlib>
+#include <fstream>
+#include <map>
+#include <set>
+
+#include <fmt/format.h>
+#include <fmt/ranges.h>
+
+#include "ptqlab/error.hpp"
+#include "ptqlab/report.hpp"
+
+namespace ptqlab {
+
+std::vector<std::size_t> pareto_front(const std::vector<PlotPoint>& points) {
+  std::vector<std::size_t> order;
+  for (std::size_t i = 0; i < points.size(); ++i)
+    if (std::isfinite(points[i].bits) && std::isfinite(points[i].value)) order.push_back(i);
+  std::stable_sort(order.begin(), order.end(), [&](std::size_t a, std::size_t b) {
+    if (points[a].bits != points[b].bits) return points[a].bits < points[b].bits;
+    return points[a].value < points[b].value;
+  });
+  // Sweep by bits: a point is on the front when its value beats every point with fewer bits.
+  // Among equal bits the lowest value comes first; an exact duplicate of the last front point
+  // is not dominated either (neither is strictly better), so it stays.
+  std::vector<std::size_t> front;
+  double best = INFINITY;
+  for (std::size_t i : order) {
+    const auto& p = points[i];
+    if (p.value < best) {
+      front.push_back(i);
+      best = p.value;
+    } else if (!front.empty() && p.value == best && p.bits == points[front.back()].bits) {
+      front.push_back(i);
+    }
+  }
+  return front;
+}
+
+namespace {
+
+// Runs `program args...` in `dir`; returns its exit status (127 when it cannot be started) and
+// its combined stdout/stderr.
+std::pair<int, std::string> run_program(const std::string& program, const std::vector<std::string>& args,
+                                        const std::filesystem::path& dir) {
+  int fds[2];
+  if (::pipe(fds) != 0) throw Error("cannot create a pipe to run " + program);
+  const pid_t pid = ::fork();
+  if (pid < 0) throw Error("cannot fork to run " + program);
+  if (pid == 0) {
+    ::close(fds[0]);
+    ::dup2(fds[1], 1);
+    ::dup2(fds[1], 2);
+    const int null = ::open("/dev/null", O_RDONLY);
+    if (null >= 0) ::dup2(null, 0);
+    if (!dir.empty() && ::chdir(dir.c_str()) != 0) ::_exit(126);
+    std::vector<char*> argv;
+    argv.push_back(const_cast<char*>(program.c_str()));
+    for (const auto& a : args) argv.push_back(const_cast<char*>(a.c_str()));
+    argv.push_back(nullptr);
+    ::execvp(program.c_str(), argv.data());
+    ::_exit(127);
+  }
+  ::close(fds[1]);
+  std::string output;
+  char buf[4096];
+  for (;;) {
+    const auto n = ::read(fds[0], buf, sizeof buf);
+    if (n > 0) output.append(buf, static_cast<std::size_t>(n));
+    else if (n == 0 || errno != EINTR) break;
+  }
+  ::close(fds[0]);
+  int status = 0;
+  while (::waitpid(pid, &status, 0) < 0 && errno == EINTR) {
+  }
+  return {WIFEXITED(status) ? WEXITSTATUS(status) : 128, output};
+}
+
+std::string first_line(const std::string& text) {
+  const auto start = text.find_first_not_of(" \n\r\t");
+  if (start == std::string::npos) return "";
+  return text.substr(start, text.find('\n', start) - start);
+}
+
+std::string safe_name(const std::string& s) {
+  std::string out = s;
+  for (char& c : out)
+    if (!(std::isalnum(static_cast<unsigned char>(c)) || c == '.' || c == '_' || c == '-')) c = '_';
+  return out;
+}
+
+// gnuplot double-quoted string: backslashes and quotes escaped.
+std::string gp_quote(const std::string& s) {
+  std::string out = "\"";
+  for (char c : s) {
+    if (c == '"' || c == '\\') out += '\\';
+    out += c;
+  }
+  return out + "\"";
+}
+
+std::string num(double v) { return fmt::format("{:.17g}", v); }
+
+// One method's point in one plot.
+struct MethodPoint {
+  std::string method;
+  std::vector<double> bits, values;
+  std::vector<std::string> statuses;
+};
+
+double mean_of(const std::vector<double>& v) {
+  double s = 0;
+  for (double x : v) s += x;
+  return s / static_cast<double>(v.size());
+}
+
+double std_of(const std::vector<double>& v) {
+  if (v.size() < 2) return 0;
+  const double m = mean_of(v);
+  double s = 0;
+  for (double x : v) s += (x - m) * (x - m);
+  return std::sqrt(s / static_cast<double>(v.size() - 1));
+}
+
+struct Terminal {
+  const char* ext;
+  const char* setting;
+};
+
+Terminal terminal_of(const std::string& format) {
+  if (format == "png") return {"png", "pngcairo size 1000,700 font \"sans,11\" noenhanced"};
+  if (format == "svg") return {"svg", "svg size 1000,700 font \"sans,11\" noenhanced"};
+  return {"pdf", "pdfcairo size 7in,4.9in font \"sans,9\" noenhanced"};
+}
+
+void write_file(const std::filesystem::path& path, const std::string& text) {
+  std::ofstream f(path);
+  f << text;
+  if (!f.flush()) throw Error(fmt::format("{}: cannot write", path.string()));
+}
+
+}  // namespace
+
+std::vector<PlotOutput> make_plots(const std::vector<std::filesystem::path>& inputs, const PlotOptions& o) {
+  if (o.formats.empty()) throw Error("--format: give at least one of png, svg, pdf");
+  std::set<std::string> seen_formats;
+  for (const auto& f : o.formats) {
+    if (f != "png" && f != "svg" && f != "pdf") throw Error(fmt::format("--format '{}': must be png, svg or pdf", f));
+    if (!seen_formats.insert(f).second) throw Error(fmt::format("--format '{}' is given twice", f));
+  }
+  if (o.x != "all-in" && o.x != "paper") throw Error(fmt::format("--x '{}': must be all-in or paper", o.x));
+  if (std::filesystem::exists(o.out) && !std::filesystem::is_directory(o.out))
+    throw Error(fmt::format("{}: --out exists and is not a directory", o.out.string()));
+
+  std::string gnuplot = o.gnuplot;
+  if (gnuplot.empty()) {
+    const char* env = std::getenv("PTQLAB_GNUPLOT");
+    gnuplot = env != nullptr && *env != '\0' ? env : "gnuplot";
+  }
+  const auto [version_status, version_text] = run_program(gnuplot, {"--version"}, {});
+  if (version_status != 0)
+    throw Error(fmt::format("gnuplot not found or not working ('{}' exit status {}): install it with scripts/setup "
+                            "(Debian package gnuplot-nox) or set PTQLAB_GNUPLOT",
+                            gnuplot, version_status));
+
+  std::vector<ResultEntry> entries;
+  for (const auto& f : find_result_files(inputs)) entries.push_back(load_result_entry(f, o.metric));
+
+  // Plots: (model, evaluator/dataset) in sorted order; a failed run without metrics is NaN in
+  // every plot of its model (shown in the note).
+  std::map<std::string, std::set<std::string>> columns_of_model;
+  for (const auto& e : entries)
+    for (const auto& [key, v] : e.values) columns_of_model[e.model].insert(key);
+  std::map<std::pair<std::string, std::string>, std::vector<MethodPoint>> plots;
+  for (const auto& e : entries)
+    for (const auto& key : columns_of_model[e.model]) {
+      auto it = e.values.find(key);
+      if (it == e.values.end() && e.status == "ok") continue;  // not evaluated on this dataset: no point
+      auto& methods = plots[{e.model, key}];
+      auto m = std::find_if(methods.begin(), methods.end(), [&](const MethodPoint& p) { return p.method == e.method; });
+      if (m == methods.end()) m = methods.insert(methods.end(), MethodPoint{e.method, {}, {}, {}});
+      m->bits.push_back(o.x == "paper" ? e.bits_paper : e.bits_all_in);
+      m->values.push_back(it != e.values.end() ? it->second : std::nan(""));
+      m->statuses.push_back(e.status);
+    }
+
+  std::filesystem::create_directories(o.out);
+  std::vector<PlotOutput> outputs;
+  for (const auto& [key, methods] : plots) {
+    const auto& [model, column] = key;
+    const auto slash = column.find('/');
+    const std::string evaluator = column.substr(0, slash), dataset = column.substr(slash + 1);
+    PlotOutput out;
+    out.stem = safe_name(evaluator == "perplexity" ? model + "-" + dataset : model + "-" + evaluator + "-" + dataset);
+
+    std::vector<PlotPoint> points;
+    std::vector<const MethodPoint*> plotted;
+    for (const auto& m : methods) {
+      const double bits = mean_of(m.bits), value = mean_of(m.values);
+      if (std::isfinite(bits) && std::isfinite(value)) {
+        points.push_back({bits, value});
+        plotted.push_back(&m);
+        continue;
+      }
+      std::vector<std::string> parts;
+      for (std::size_t i = 0; i < m.values.size(); ++i)
+        if (!std::isfinite(m.values[i]))
+          parts.push_back(fmt::format("{}{}", std::isnan(m.values[i]) ? "NaN" : (m.values[i] > 0 ? "inf" : "-inf"),
+                                      m.statuses[i] == "ok" ? "" : ", " + m.statuses[i]));
+      out.notes.push_back(fmt::format("{} ({})", m.method, fmt::format("{}", fmt::join(parts, "; "))));
+    }
+    std::sort(out.notes.begin(), out.notes.end());
+    if (points.empty()) {
+      out.notes.insert(out.notes.begin(), "no finite values: nothing plotted");
+      outputs.push_back(out);
+      continue;
+    }
+    // Points by bits, so the data file reads like the plot.
+    std::vector<std::size_t> by_bits(points.size());
+    for (std::size_t i = 0; i < by_bits.size(); ++i) by_bits[i] = i;
+    std::stable_sort(by_bits.begin(), by_bits.end(), [&](auto a, auto b) { return points[a].bits < points[b].bits; });
+    const auto front = pareto_front(points);
+
+    const std::string metric_title = evaluator == "perplexity" && o.metric == "ppl" ? "perplexity" : column + " " + o.metric;
+    const std::string x_title = fmt::format("bits per weight ({})", o.x == "paper" ? "paper convention" : "all-in");
+    std::string dat = fmt::format("# ptqlab plot: {} {} ({}) vs {}\n", model, dataset, metric_title, x_title);
+    for (const auto& n : out.notes) dat += "# not plotted (non-finite): " + n + "\n";
+    dat += "# block 0: one point per method (mean over runs; low/high = mean -/+ sample std, clamped above 0)\n";
+    dat += "# bits\tvalue\tlow\thigh\tstd\truns\tmethod\n";
+    for (std::size_t i : by_bits) {
+      const auto& m = *plotted[i];
+      const double sd = std_of(m.values), v = points[i].value;
+      dat += fmt::format("{}\t{}\t{}\t{}\t{}\t{}\t{}\n", num(points[i].bits), num(v), num(std::max(v - sd, v * 1e-3)),
+                         num(v + sd), num(sd), m.values.size(), m.method);
+    }
+    dat += "\n\n# block 1: the Pareto front (lowest value for given bits), by bits\n# bits\tvalue\tmethod\n";
+    for (std::size_t i : front) dat += fmt::format("{}\t{}\t{}\n", num(points[i].bits), num(points[i].value), plotted[i]->method);
+
+    const std::string dat_name = out.stem + ".dat";
+    std::string gp = fmt::format(
+        "# Made by ptqlab plot from result files. Edit and rerun in this directory: gnuplot {}.gp\n"
+        "set datafile separator \"\\t\"\n"
+        "set title {} noenhanced\n"
+        "set xlabel {}\n"
+        "set ylabel {}\n"
+        "set logscale y\n"
+        "set grid\n"
+        "set key top right box opaque\n"
+        "set offsets graph 0.04, graph 0.12, 0, 0\n",
+        out.stem, gp_quote(fmt::format("{}: {}", model, dataset)), gp_quote(x_title),
+        gp_quote(metric_title + " (log scale)"));
+    if (!out.notes.empty())
+      gp += fmt::format("set label 1 {} at graph 0.01, graph 0.03 left noenhanced font \",9\"\n",
+                        gp_quote("not plotted (NaN/inf): " + fmt::format("{}", fmt::join(out.notes, ", "))));
+    const std::string plot_cmd = fmt::format(
+        "plot {0} index 0 using 1:2:3:4 with yerrorbars pt 7 ps 1.3 lc rgb \"#1f77b4\" title \"method (mean, ±1 std)\", \\\n"
+        "     {0} index 0 using 1:2:7 with labels left offset 0.9,0.6 font \",9\" noenhanced notitle, \\\n"
+        "     {0} index 1 using 1:2 with linespoints lw 2 pt 6 ps 2.4 lc rgb \"#d62728\" title \"Pareto front\"\n",
+        gp_quote(dat_name));
+    for (std::size_t i = 0; i < o.formats.size(); ++i) {
+      const auto t = terminal_of(o.formats[i]);
+      const std::string image = out.stem + "." + t.ext;
+      gp += fmt::format("set terminal {}\nset output {}\n", t.setting, gp_quote(image));
+      gp += i == 0 ? plot_cmd : "replot\n";
+      out.files.push_back(o.out / image);
+    }
+    gp += "unset output\n";
+    write_file(o.out / dat_name, dat);
+    write_file(o.out / (out.stem + ".gp"), gp);
+    out.files.insert(out.files.begin(), {o.out / dat_name, o.out / (out.stem + ".gp")});
+    const auto [status, text] = run_program(gnuplot, {out.stem + ".gp"}, o.out);
+    if (status != 0)
+      throw Error(fmt::format("{}: gnuplot failed (exit status {}): {}", (o.out / (out.stem + ".gp")).string(), status,
+                              first_line(text)));
+    for (const auto& f : out.files)
+      if (!std::filesystem::exists(f) || std::filesystem::file_size(f) == 0)
+        throw Error(fmt::format("{}: gnuplot did not write it", f.string()));
+    outputs.push_back(out);
+  }
+  return outputs;
+}
+
+}  // namespace ptqlab
