@@ -147,7 +147,7 @@ const Params& quant_params(const Experiment& x, std::size_t arm) { return x.arms
 // Valid experiments.
 
 TEST_F(Experiments, FullExperimentLoads) {
-  fs::create_directories(tmp.path() / "plugins");
+  fs::create_directories(tmp.path() / "exp" / "plugins");
   std::ofstream(tmp.path() / "calib.txt") << "Once upon a time.\n";
   const std::string model_rel = fs::relative(model(), tmp.path() / "exp").string();
   const auto x = load(R"(# A complete experiment.
@@ -155,7 +155,7 @@ name: demo
 model: )" + model_rel + R"(
 seed: 7
 log_tensors: true
-plugin_paths: [../plugins]
+plugin_paths: [plugins/]
 calibration:
   text: ../calib.txt
   nsamples: 16
@@ -196,7 +196,7 @@ arms:
   EXPECT_EQ(x.seed, 7u);
   EXPECT_TRUE(x.log_tensors);
   ASSERT_EQ(x.plugin_paths.size(), 1u);
-  EXPECT_EQ(x.plugin_paths[0], tmp.path() / "plugins");
+  EXPECT_EQ(x.plugin_paths[0], tmp.path() / "exp" / "plugins");
 
   EXPECT_EQ(x.calibration.text, tmp.path() / "calib.txt");
   EXPECT_EQ(x.calibration.nsamples, 16);
@@ -306,7 +306,7 @@ TEST_F(Experiments, PluginPathsOnly) {
   fs::create_directories(tmp.path() / "p1");
   fs::create_directories(tmp.path() / "p2");
   // Only plugin_paths is read: the rest may be incomplete.
-  const auto p = write("x.yaml", "plugin_paths:\n  - p1\n  - " + (tmp.path() / "p2").string() + "/\narms: nonsense\n");
+  const auto p = write("x.yaml", "plugin_paths:\n  - p1\n  - ./p2/\narms: nonsense\n");
   const auto paths = experiment_plugin_paths(p);
   ASSERT_EQ(paths.size(), 2u);
   EXPECT_EQ(paths[0], tmp.path() / "p1");
@@ -332,6 +332,42 @@ TEST_F(Experiments, PluginPathsErrors) {
   }
   const auto r = write("z.yaml", "plugin_paths: [a\n");
   EXPECT_THROW(experiment_plugin_paths(r), Error);
+}
+
+// A YAML file shared between labs cannot make ptqlab load libraries from outside its own directory:
+// absolute paths, '..' and symbolic links that lead out are refused (--plugin-path is the way).
+TEST_F(Experiments, PluginPathsStayInsideTheFilesDirectory) {
+  fs::create_directories(tmp.path() / "outside");
+  fs::create_directories(tmp.path() / "exp" / "inside");
+  fs::create_symlink(tmp.path() / "outside", tmp.path() / "exp" / "link-out");
+  fs::create_directory_symlink(tmp.path() / "exp" / "inside", tmp.path() / "exp" / "link-in");
+  auto error_of = [&](const std::string& entry) {
+    const auto p = write("exp/x.yaml", "plugin_paths:\n  - " + entry + "\n");
+    try {
+      experiment_plugin_paths(p);
+    } catch (const Error& e) {
+      return std::string(e.what());
+    }
+    return std::string("no error");
+  };
+  const std::string file = (tmp.path() / "exp" / "x.yaml").string();
+  const std::string rule = "must be a relative directory inside the experiment file's directory, without '..' (give "
+                           "other plugin directories with --plugin-path)";
+  EXPECT_EQ(error_of((tmp.path() / "outside").string()),
+            fmt::format("{}:2:5: plugin path '{}' {}", file, (tmp.path() / "outside").string(), rule));
+  EXPECT_EQ(error_of("/usr/lib"), fmt::format("{}:2:5: plugin path '/usr/lib' {}", file, rule));
+  EXPECT_EQ(error_of("../outside"), fmt::format("{}:2:5: plugin path '../outside' {}", file, rule));
+  EXPECT_EQ(error_of("inside/../../outside"), fmt::format("{}:2:5: plugin path 'inside/../../outside' {}", file, rule));
+  EXPECT_EQ(error_of("inside/.."), fmt::format("{}:2:5: plugin path 'inside/..' {}", file, rule));
+  EXPECT_EQ(error_of("link-out"),
+            fmt::format("{}:2:5: plugin path 'link-out' leads outside the experiment file's directory (to {}) through a "
+                        "symbolic link (give other plugin directories with --plugin-path)",
+                        file, fs::canonical(tmp.path() / "outside").string()));
+  // Inside is fine, through a link too, and "." is the file's own directory.
+  for (const char* ok : {"inside", "./inside/", "link-in", "."}) {
+    const auto p = write("exp/x.yaml", std::string("plugin_paths: [") + ok + "]\n");
+    EXPECT_EQ(experiment_plugin_paths(p).size(), 1u) << ok;
+  }
 }
 
 TEST_F(Experiments, ScalarTypesAndTags) {
@@ -1103,6 +1139,34 @@ arms:
     quantizer: fp
 )",
                5, 11, "invalid arm name '../../etc/x'");
+}
+
+// Arm names become file names in the result directory: nothing that could lead out of it, or hide
+// in it, gets through; the message stays one line even for control characters.
+TEST_F(Experiments, ErrorArmNamesThatCouldEscapeTheResultDirectory) {
+  const std::vector<std::pair<std::string, std::string>> cases = {
+      {"\"/tmp/x\"", "'/tmp/x'"},          {"\"a/b\"", "'a/b'"},       {"\"..\"", "'..'"},
+      {"\"../x\"", "'../x'"},              {"\".hidden\"", "'.hidden'"}, {"\"a\\\\b\"", "'a\\b'"},
+      {"\"a\\tb\"", "'a\\tb'"},            {"\"a\\nb\"", "'a\\nb'"},    {"\"a\\x01b\"", "'a\\x01b'"},
+      {"\"a\\x7fb\"", "'a\\x7fb'"},        {"\"\"", "''"},             {"\"~\"", "'~'"},
+      {"\"C:x\"", "'C:x'"}};
+  for (const auto& [yaml, shown] : cases) {
+    SCOPED_TRACE(yaml);
+    expect_error("model: {MODEL}\ncalibration:\n  text: {CALIB}\narms:\n  - name: " + yaml + "\n    quantizer: fp\n", 5, 11,
+                 "invalid arm name " + shown + ": names must match");
+  }
+}
+
+// Sweep-made names are the arm name plus parameter values; any value turns into name characters.
+TEST_F(Experiments, SweepNamesCannotEscapeTheResultDirectory) {
+  const auto x = load(std::string(kSweepHead) + R"(  - name: s
+    preprocess: [smooth]
+    quantizer: fp
+    sweep:
+      grid:
+        preprocess.0.tag: ["/etc/passwd", "..", "a\tb\nc", "x\\y"]
+)");
+  EXPECT_EQ(arm_names(x), (std::vector<std::string>{"s-tag_etc_passwd", "s-tag..", "s-taga_b_c", "s-tagx_y"}));
 }
 
 TEST_F(Experiments, ErrorInvalidExperimentName) {

@@ -128,6 +128,21 @@ TEST(Plugins, SearchPathMustBeADirectoryAndNamesMustExist) {
   EXPECT_NE(error_of([&] { r.make_quantizer("rnt", Params{}); }).find("unknown quantizer 'rnt'"), std::string::npos);
 }
 
+// A plugin directory holding a symbolic link to a library elsewhere: refused before anything is
+// dlopen'ed (a library's constructors run on dlopen, so "not a plugin" afterwards is too late).
+TEST(Plugins, SymlinkToALibraryOutsideThePluginPathIsRefused) {
+  test::TempDir tmp;
+  const auto target = std::filesystem::canonical(test_plugins("good") / "test_good.so");
+  std::filesystem::create_symlink(target, tmp.path() / "linked.so");
+  PluginRegistry r;
+  const auto msg = error_of([&] { r.add_search_path(tmp.path()); });
+  EXPECT_EQ(msg, (tmp.path() / "linked.so").string() + ": links to " + target.string() + ", outside the plugin path " +
+                     std::filesystem::canonical(tmp.path()).string() +
+                     ": plugins load only from the plugin directories themselves");
+  EXPECT_EQ(::dlopen(target.c_str(), RTLD_NOW | RTLD_NOLOAD), nullptr) << "the library was loaded";
+  EXPECT_TRUE(r.list().empty());
+}
+
 TEST(Plugins, SameDirectoryTwiceLoadsOnce) {
   PluginRegistry r;
   r.add_search_path(PluginRegistry::default_plugin_dir());

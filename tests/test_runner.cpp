@@ -1,5 +1,5 @@
 // The experiment runner end to end on the real stories260K: parallel arms equal serial ones bit
-// for bit, resume skips finished arms (also after a real SIGKILL), failures are recorded without
+// for bit, resume skips finished arms (SIGKILLed runs: test_faults.cpp), failures are recorded without
 // stopping the other arms, and result files carry what docs/results-schema.md promises.
 #include <gtest/gtest.h>
 
@@ -240,61 +240,7 @@ TEST(Runner, DecoderLayerQuantizerGetsBothStreams) {
   }
 }
 
-// Kills a real `ptqlab run` with SIGKILL once the first result file exists, then reruns it.
-TEST(Runner, ResumeAfterSigkill) {
-  Workspace s(experiment_yaml());
-  const auto out = s.dir.path() / "out";
-  const pid_t pid = ::fork();
-  ASSERT_GE(pid, 0);
-  if (pid == 0) {
-    const int null = ::open("/dev/null", O_WRONLY);
-    ::dup2(null, 1);
-    ::dup2(null, 2);
-    ::execl(PTQLAB_BINARY, PTQLAB_BINARY, "run", s.yaml.c_str(), "--out", out.c_str(), "--jobs", "1", "--no-cache",
-            "--plugin-path", (std::filesystem::path(PTQLAB_TEST_PLUGINS) / "good").c_str(), nullptr);
-    ::_exit(127);
-  }
-  std::filesystem::path first;
-  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(120);
-  while (first.empty() && std::chrono::steady_clock::now() < deadline) {
-    if (std::filesystem::exists(out))
-      for (const auto& f : std::filesystem::directory_iterator(out))
-        if (f.path().extension() == ".h5" && f.path().filename().string()[0] != '.') first = f.path();
-    std::this_thread::sleep_for(std::chrono::milliseconds(5));
-  }
-  ASSERT_FALSE(first.empty()) << "no result appeared";
-  ::kill(pid, SIGKILL);
-  int status = 0;
-  ::waitpid(pid, &status, 0);
-  ASSERT_TRUE(WIFSIGNALED(status)) << "the run finished before it could be killed";
-
-  // Every file that looks like a result is a complete one.
-  int complete = 0;
-  for (const auto& f : std::filesystem::directory_iterator(out)) {
-    if (f.path().extension() != ".h5" || f.path().filename().string()[0] == '.') continue;
-    EXPECT_NO_THROW(read_arm_result(f.path())) << f.path();
-    ++complete;
-  }
-  EXPECT_GE(complete, 1);
-  EXPECT_LT(complete, 4);
-  std::string before;
-  {
-    std::ifstream in(first, std::ios::binary);
-    before.assign(std::istreambuf_iterator<char>(in), {});
-  }
-
-  const auto r = s.run("out", 1);
-  ASSERT_EQ(r.arms.size(), 4u);
-  int skipped = 0;
-  for (const auto& a : r.arms) {
-    EXPECT_NE(a.status, ArmOutcome::Status::failed) << a.arm << ": " << a.message;
-    skipped += a.status == ArmOutcome::Status::skipped;
-    EXPECT_NO_THROW(read_arm_result(out / (a.arm + ".h5")));
-  }
-  EXPECT_EQ(skipped, complete);  // nothing finished was redone, nothing unfinished was skipped
-  std::ifstream in(first, std::ios::binary);
-  EXPECT_EQ(std::string(std::istreambuf_iterator<char>(in), {}), before) << "a finished result was rewritten";
-}
+// Kills of real runs (SIGKILL at named points and from outside) and a full disk: test_faults.cpp.
 
 TEST(RunCli, QuickstartStyleRunPrintsTableAndExitCodes) {
   Workspace s(experiment_yaml("  - name: broken\n    quantizer: test-nan\n"));

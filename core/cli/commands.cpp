@@ -19,6 +19,7 @@
 #include "ptqlab/progress.hpp"
 #include "ptqlab/text_file.hpp"
 #include "ptqlab/tokenizer.hpp"
+#include "ptqlab/utf8.hpp"
 
 namespace po = boost::program_options;
 
@@ -72,10 +73,16 @@ int cmd_ppl(const Args& args) {
 
   const auto model = load_model(model_dir);
   const auto tokenizer = load_tokenizer(model_dir);
-  const auto text = read_text_file(text_path);
+  const auto text = read_utf8_text_file(text_path);
   const auto t0 = std::chrono::steady_clock::now();
   const auto stream = perplexity_stream(tokenizer, text, model.config.bos_token_id);
   const double tokenize_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+
+  // Checked here, not only in evaluate_perplexity, so that the message names the text file.
+  const int window = seq_len > 0 ? seq_len : model.config.max_position_embeddings;
+  if (window >= 2 && window <= model.config.max_position_embeddings && static_cast<long long>(stream.size()) < window)
+    throw Error(fmt::format("{}: the text has {} tokens, fewer than one window of {} (--seq-len)", text_path,
+                            stream.size(), window));
 
   PerplexityOptions options;
   options.seq_len = seq_len;

@@ -1,5 +1,6 @@
 // ptqlab: command-line entry point. Dispatches to subcommands; turns user errors into one line on
 // stderr and exit status 2.
+#include <csignal>
 #include <cstdio>
 #include <exception>
 #include <functional>
@@ -41,6 +42,19 @@ void print_help() {
   for (const auto& [name, cmd] : commands()) fmt::print("  {:<10} {}\n", name, cmd.summary);
 }
 
+// One line whatever the message holds: control characters (from a tensor name, a quoted YAML
+// value) are shown as escapes.
+std::string one_line(const std::string& s) {
+  std::string out;
+  for (const char ch : s) {
+    const auto c = static_cast<unsigned char>(ch);
+    if (c == '\n') out += "\\n";
+    else if (c < 0x20 || c == 0x7f) out += fmt::format("\\x{:02x}", c);
+    else out += ch;
+  }
+  return out;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -59,23 +73,26 @@ int main(int argc, char** argv) {
   }
   const auto it = commands().find(name);
   if (it == commands().end()) {
-    fmt::print(stderr, "ptqlab: error: unknown command '{}' (see 'ptqlab --help')\n", name);
+    fmt::print(stderr, "ptqlab: error: unknown command '{}' (see 'ptqlab --help')\n", one_line(name));
     return ptqlab::kExitUserError;
   }
+  // Past a file-size limit (ulimit -f) a write then fails with EFBIG and is reported like a full
+  // disk, instead of the default SIGXFSZ killing the process with a half-written file.
+  std::signal(SIGXFSZ, SIG_IGN);
   const ptqlab::cli::Args args(argv + 2, argv + argc);
   try {
     return it->second.run(args);
   } catch (const ptqlab::Error& e) {
-    fmt::print(stderr, "ptqlab: error: {}\n", e.what());
+    fmt::print(stderr, "ptqlab: error: {}\n", one_line(e.what()));
     return ptqlab::kExitUserError;
   } catch (const boost::program_options::error& e) {
-    fmt::print(stderr, "ptqlab {}: error: {} (see 'ptqlab {} --help')\n", name, e.what(), name);
+    fmt::print(stderr, "ptqlab {}: error: {} (see 'ptqlab {} --help')\n", name, one_line(e.what()), name);
     return ptqlab::kExitUserError;
   } catch (const std::bad_alloc&) {
     fmt::print(stderr, "ptqlab: error: out of memory\n");
     return 1;
   } catch (const std::exception& e) {
-    fmt::print(stderr, "ptqlab: internal error: {}\n", e.what());
+    fmt::print(stderr, "ptqlab: internal error: {}\n", one_line(e.what()));
     return 1;
   }
 }

@@ -21,6 +21,8 @@ constexpr char kMagic[8] = {'P', 'T', 'Q', 'C', 'A', 'C', 'H', '1'};
 // Entry layout: magic, u64 key length, key bytes, u64 payload bytes, payload.
 bool write_entry(const std::filesystem::path& path, const std::string& key, const std::string& payload) {
   static std::atomic<unsigned> counter{0};
+  std::error_code dir_error;
+  std::filesystem::create_directories(path.parent_path(), dir_error);  // a cache that cannot be written is no cache
   const auto tmp = path.parent_path() / fmt::format(".{}.tmp-{}-{}", path.filename().string(), ::getpid(), counter++);
   {
     std::ofstream out(tmp, std::ios::binary);
@@ -73,9 +75,9 @@ bool take(const std::string& s, std::size_t& pos, T* data, std::size_t n) {
 
 }  // namespace
 
-ArtifactCache::ArtifactCache(std::filesystem::path dir) : dir_(std::move(dir)) {
-  std::filesystem::create_directories(dir_);
-}
+// The directory is made by the first store, not here: a run that stops on a bad input before it
+// computed anything leaves no directory behind (the default cache lives inside the result directory).
+ArtifactCache::ArtifactCache(std::filesystem::path dir) : dir_(std::move(dir)) {}
 
 std::filesystem::path ArtifactCache::path_of(const std::string& key, const char* kind) const {
   return dir_ / fmt::format("{}-{}.bin", kind, sha256_hex(key).substr(0, 32));

@@ -7,6 +7,7 @@
 #include <fmt/format.h>
 
 #include "ptqlab/error.hpp"
+#include "ptqlab/fault.hpp"
 #include "ptqlab/forward.hpp"
 
 namespace ptqlab {
@@ -17,7 +18,8 @@ std::vector<std::vector<int>> draw_calibration_windows(const std::vector<int>& s
                                                        std::uint64_t seed) {
   if (seq_len < 2) throw Error(fmt::format("calibration seq_len must be at least 2, got {}", seq_len));
   if (static_cast<long long>(stream.size()) < seq_len)
-    throw Error(fmt::format("the calibration text has {} tokens, fewer than one window of {}", stream.size(), seq_len));
+    throw Error(fmt::format("the calibration text has {} tokens, fewer than one window of {} (calibration.seq_len)",
+                            stream.size(), seq_len));
   std::mt19937_64 rng(seed);
   std::uniform_int_distribution<std::size_t> start(0, stream.size() - static_cast<std::size_t>(seq_len));
   std::vector<std::vector<int>> windows(nsamples);
@@ -148,6 +150,7 @@ std::vector<LinearRecord> quantize_layerwise(LlamaModel& model, const std::vecto
       decoder_layer_forward(c, layer, rope, streams.shapes[b], h, l, &hess);
     }
     for (auto& h : hess.sum) h *= 2.0 / static_cast<double>(hess.tokens);
+    fault_point("calibration");
     auto hessian_of = [&hess](Linear which) -> const Eigen::MatrixXd& {
       return hess.sum[static_cast<int>(input_of(which))];
     };
@@ -188,6 +191,7 @@ std::vector<LinearRecord> quantize_layerwise(LlamaModel& model, const std::vecto
       ctx.log_prefix = fmt::format("layer{}", l);
       const auto t0 = std::chrono::steady_clock::now();
       bits = options.quantizer->quantize_layer(ctx, layer);
+      fault_point("quantizer");
       seconds.fill(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() / kAllLinears.size());
     } else {
       for (std::size_t i = 0; i < kAllLinears.size(); ++i) {
@@ -195,6 +199,7 @@ std::vector<LinearRecord> quantize_layerwise(LlamaModel& model, const std::vecto
         if (options.mask != nullptr) ctx.mask = &masks[i];
         const auto t0 = std::chrono::steady_clock::now();
         bits[i] = options.quantizer->quantize_linear(ctx, layer.linear(kAllLinears[i]));
+        fault_point("quantizer");
         seconds[i] = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
       }
     }

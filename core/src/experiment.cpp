@@ -101,6 +101,20 @@ std::string real_text(double d) {
 // ---------------------------------------------------------------------------------------------
 // Errors with positions.
 
+// Control characters (a tab or newline in a quoted name) shown as escapes: an error stays one line.
+std::string printable(const std::string& s) {
+  std::string out;
+  for (const char ch : s) {
+    const auto c = static_cast<unsigned char>(ch);
+    if (c == '\t') out += "\\t";
+    else if (c == '\n') out += "\\n";
+    else if (c == '\r') out += "\\r";
+    else if (c < 0x20 || c == 0x7f) out += fmt::format("\\x{:02x}", c);
+    else out += ch;
+  }
+  return out;
+}
+
 class Doc {
  public:
   Doc(std::string file, fs::path dir) : file_(std::move(file)), dir_(std::move(dir)) {}
@@ -108,9 +122,10 @@ class Doc {
   [[noreturn]] void fail(const YAML::Mark& m, const std::string& message) const {
     const int line = m.is_null() ? 1 : m.line + 1;
     const int col = m.is_null() ? 1 : m.column + 1;
-    throw Error(fmt::format("{}:{}:{}: {}", file_, line, col, message));
+    throw Error(fmt::format("{}:{}:{}: {}", file_, line, col, printable(message)));
   }
   // Relative paths resolve against the directory of the YAML file.
+  const fs::path& dir() const { return dir_; }
   fs::path resolve(const std::string& p) const {
     const fs::path path(p);
     return absolute_normal(path.is_absolute() ? path : dir_ / path);
@@ -348,6 +363,7 @@ fs::path read_existing(const Doc& doc, const Entry& e, const std::string& what, 
   if (!fs::exists(p, ec)) doc.fail(e.mark(), fmt::format("{} not found: {}", what, p.string()));
   if (directory && !fs::is_directory(p, ec)) doc.fail(e.mark(), fmt::format("{} is not a directory: {}", what, p.string()));
   if (!directory && !fs::is_regular_file(p, ec)) doc.fail(e.mark(), fmt::format("{} is not a file: {}", what, p.string()));
+  if (!directory && fs::file_size(p, ec) == 0) doc.fail(e.mark(), fmt::format("{} is empty: {}", what, p.string()));
   return p;
 }
 
@@ -358,7 +374,25 @@ std::vector<fs::path> read_plugin_paths(const Doc& doc, const Entry* e) {
     doc.fail(e->mark(), fmt::format("plugin_paths must be a list of directories, got {}", describe(e->value)));
   for (std::size_t i = 0; i < e->value.size(); ++i) {
     const Entry item{"", e->key_node, e->value[i]};
-    out.push_back(read_existing(doc, item, "plugin path", true));
+    // A shared YAML file must not make ptqlab dlopen libraries from anywhere it likes: its plugin
+    // directories lie inside the directory of the file itself (symbolic links resolved). Other
+    // directories are given on the command line (--plugin-path).
+    const std::string text = item.value.IsScalar() ? item.value.Scalar() : std::string();
+    const fs::path given(text);
+    const bool escapes = given.is_absolute() || std::any_of(given.begin(), given.end(), [](const fs::path& c) { return c == ".."; });
+    if (escapes)
+      doc.fail(item.mark(), fmt::format("plugin path '{}' must be a relative directory inside the experiment file's "
+                                        "directory, without '..' (give other plugin directories with --plugin-path)",
+                                        text));
+    const fs::path dir = read_existing(doc, item, "plugin path", true);
+    std::error_code ec1, ec2;
+    const fs::path real = fs::canonical(dir, ec1), home = fs::canonical(doc.dir(), ec2);
+    const auto rel = real.lexically_relative(home);
+    if (ec1 || ec2 || rel.empty() || *rel.begin() == "..")
+      doc.fail(item.mark(), fmt::format("plugin path '{}' leads outside the experiment file's directory (to {}) "
+                                        "through a symbolic link (give other plugin directories with --plugin-path)",
+                                        text, real.string()));
+    out.push_back(dir);
   }
   return out;
 }

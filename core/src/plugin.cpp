@@ -158,6 +158,13 @@ void PluginRegistry::add_search_path(const std::filesystem::path& dir) {
   for (const auto& f : std::filesystem::directory_iterator(canonical))
     if (f.is_regular_file() && f.path().extension() == ".so") libraries.push_back(f.path());
   std::sort(libraries.begin(), libraries.end());  // deterministic load order
+  // Libraries load only from the search-path directories themselves: a symbolic link to a library
+  // elsewhere (say a system library, whose constructors dlopen would run) is refused.
+  for (const auto& lib : libraries)
+    if (std::filesystem::canonical(lib).parent_path() != canonical)
+      throw Error(fmt::format("{}: links to {}, outside the plugin path {}: plugins load only from the plugin "
+                              "directories themselves",
+                              lib.string(), std::filesystem::canonical(lib).string(), canonical.string()));
   for (const auto& lib : libraries) impl_->load_library(lib);
 }
 

@@ -185,7 +185,11 @@ std::vector<std::filesystem::path> find_result_files(const std::vector<std::file
     }
   }
   std::sort(files.begin(), files.end());
-  if (files.empty()) throw Error("no result files (*.h5) found in the given paths");
+  if (files.empty()) {
+    std::string where;
+    for (const auto& in : inputs) where += (where.empty() ? "" : ", ") + in.string();
+    throw Error(fmt::format("no result files (*.h5) found in {}", where));
+  }
   return files;
 }
 

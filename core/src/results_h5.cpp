@@ -30,6 +30,7 @@
 #include <fmt/format.h>
 
 #include "ptqlab/error.hpp"
+#include "ptqlab/fault.hpp"
 
 namespace ptqlab {
 namespace {
@@ -584,6 +585,7 @@ void write_impl(const fs::path& path, const ArmResult& r) {
     }
     if (::close(fd) != 0) throw Failure(fmt::format("closing {}: {}", tmp.string(), errno_text(errno)));
     image = Image{};  // free the memory before the rename
+    fault_point("result-before-rename");
     if (::rename(tmp.c_str(), path.c_str()) != 0) {
       throw Failure(fmt::format("renaming {} to {}: {}", tmp.string(), path.string(), errno_text(errno)));
     }

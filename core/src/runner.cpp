@@ -27,6 +27,7 @@
 #include "ptqlab/report.hpp"
 #include "ptqlab/text_file.hpp"
 #include "ptqlab/tokenizer.hpp"
+#include "ptqlab/utf8.hpp"
 
 namespace ptqlab {
 
@@ -157,14 +158,16 @@ struct SharedArtifacts {
   ModelInputStats input_stats;                                // empty unless a component needs it
 };
 
+// A text's token stream from the cache, or tokenized; `store_key` is set when the caller should
+// store it (only once the inputs are known to be good, so a bad input leaves no cache behind).
 std::vector<int> tokenize_file(const std::filesystem::path& text, const Tokenizer& tok, int bos,
-                               const std::filesystem::path& tokenizer_model, const ArtifactCache& cache) {
+                               const std::filesystem::path& tokenizer_model, const ArtifactCache& cache,
+                               std::string& store_key) {
   const auto key = cache.enabled() ? token_stream_key(tokenizer_model, text) : std::string();
   if (cache.enabled())
     if (auto hit = cache.load_tokens(key)) return *hit;
-  auto stream = perplexity_stream(tok, read_text_file(text), bos);
-  cache.store_tokens(key, stream);
-  return stream;
+  store_key = key;
+  return perplexity_stream(tok, read_utf8_text_file(text), bos);
 }
 
 }  // namespace
@@ -183,8 +186,6 @@ RunReport run_experiment(const Experiment& exp, const PluginRegistry& registry, 
     throw Error(fmt::format("--arms '{}' matches no arm of {} (arms: {})", options.arms_glob, exp.file.string(),
                             fmt::join(names, ", ")));
   }
-  std::filesystem::create_directories(options.out_dir);
-
   RunReport report;
   std::vector<const ArmSpec*> todo;
   std::vector<std::string> conflicts;
@@ -247,6 +248,7 @@ RunReport run_experiment(const Experiment& exp, const PluginRegistry& registry, 
   monitor.stage("shared", "loading model");
   shared.model = load_model(exp.model_dir);
   const auto tokenizer_path = exp.model_dir / "tokenizer.model";
+  const int calib_len = exp.calibration.seq_len > 0 ? exp.calibration.seq_len : shared.model.config.max_position_embeddings;
   shared.tokenizer = std::make_unique<Tokenizer>(tokenizer_path);
   {
     std::vector<std::filesystem::path> texts = {exp.calibration.text};
@@ -255,20 +257,27 @@ RunReport run_experiment(const Experiment& exp, const PluginRegistry& registry, 
     std::sort(texts.begin(), texts.end());
     texts.erase(std::unique(texts.begin(), texts.end()), texts.end());
     std::vector<std::vector<int>> streams(texts.size());
+    std::vector<std::string> store_keys(texts.size());
     monitor.stage("shared", fmt::format("tokenizing {} text files", texts.size()));
     const auto t0 = Clock::now();
     tbb::task_arena arena(options.jobs);
     arena.execute([&] {
       tbb::parallel_for(std::size_t{0}, texts.size(), [&](std::size_t i) {
-        streams[i] = tokenize_file(texts[i], *shared.tokenizer, shared.model.config.bos_token_id, tokenizer_path, cache);
+        streams[i] = tokenize_file(texts[i], *shared.tokenizer, shared.model.config.bos_token_id, tokenizer_path, cache,
+                                   store_keys[i]);
       });
     });
     for (std::size_t i = 0; i < texts.size(); ++i) shared.streams[texts[i]] = std::move(streams[i]);
     monitor.step("shared", fmt::format("tokenized {} text files in {:.2f}s", texts.size(), seconds_since(t0)));
+    try {
+      shared.calibration = draw_calibration_windows(shared.streams.at(exp.calibration.text), exp.calibration.nsamples,
+                                                    calib_len, exp.calibration.seed);
+    } catch (const Error& e) {
+      throw Error(fmt::format("{}: {}", exp.calibration.text.string(), e.what()));
+    }
+    for (std::size_t i = 0; i < texts.size(); ++i)
+      if (!store_keys[i].empty()) cache.store_tokens(store_keys[i], shared.streams.at(texts[i]));
   }
-  const int calib_len = exp.calibration.seq_len > 0 ? exp.calibration.seq_len : shared.model.config.max_position_embeddings;
-  shared.calibration = draw_calibration_windows(shared.streams.at(exp.calibration.text), exp.calibration.nsamples,
-                                                calib_len, exp.calibration.seed);
   if (need_stats) {
     const auto t0 = Clock::now();
     std::string key;
@@ -290,7 +299,9 @@ RunReport run_experiment(const Experiment& exp, const PluginRegistry& registry, 
   std::vector<std::int32_t> calibration_tokens;
   for (const auto& w : shared.calibration) calibration_tokens.insert(calibration_tokens.end(), w.begin(), w.end());
 
-  // 3. The arms, in parallel. Each arm's result goes to the single writer thread.
+  // 3. The arms, in parallel. Each arm's result goes to the single writer thread. The result
+  // directory is made only now, so a bad input found above leaves nothing behind.
+  std::filesystem::create_directories(options.out_dir);
   ResultWriter writer;
   std::vector<ArmOutcome> outcomes(todo.size());
   auto provenance_base = [&] {
@@ -365,7 +376,12 @@ RunReport run_experiment(const Experiment& exp, const PluginRegistry& registry, 
           ec.tokens = [stream]() -> const std::vector<int>& { return *stream; };
           ec.reference = &shared.model;
           const auto te = Clock::now();
-          auto metrics = evaluators[e]->evaluate(ec, model);
+          std::map<std::string, double> metrics;
+          try {
+            metrics = evaluators[e]->evaluate(ec, model);
+          } catch (const Error& err) {  // name the dataset and its file: the message may not
+            throw Error(fmt::format("{} on dataset '{}' ({}): {}", spec.evaluator.name, d.name, d.file.string(), err.what()));
+          }
           std::string shown;
           for (const auto& [k, v] : metrics)
             if (k == "ppl") shown = fmt::format("ppl {:.4f}", v);

@@ -12,7 +12,10 @@
 namespace ptqlab {
 
 std::string read_text_file(const std::filesystem::path& path) {
-  if (!std::filesystem::is_regular_file(path)) throw Error(fmt::format("{}: no such text file", path.string()));
+  std::error_code ec;
+  if (!std::filesystem::exists(path, ec)) throw Error(fmt::format("{}: no such text file", path.string()));
+  if (!std::filesystem::is_regular_file(path, ec))
+    throw Error(fmt::format("{}: not a regular file (expected a text file)", path.string()));
   std::ifstream in(path, std::ios::binary);
   if (!in) throw Error(fmt::format("{}: cannot open: {}", path.string(), std::strerror(errno)));
   std::ostringstream ss;
