@@ -186,6 +186,10 @@ RunReport run_experiment(const Experiment& exp, const PluginRegistry& registry, 
     throw Error(fmt::format("--arms '{}' matches no arm of {} (arms: {})", options.arms_glob, exp.file.string(),
                             fmt::join(names, ", ")));
   }
+  std::error_code out_error;
+  if (std::filesystem::exists(options.out_dir, out_error) && !std::filesystem::is_directory(options.out_dir, out_error))
+    throw Error(fmt::format("{}: the result directory (--out) is not a directory", options.out_dir.string()));
+
   RunReport report;
   std::vector<const ArmSpec*> todo;
   std::vector<std::string> conflicts;
@@ -301,7 +305,10 @@ RunReport run_experiment(const Experiment& exp, const PluginRegistry& registry, 
 
   // 3. The arms, in parallel. Each arm's result goes to the single writer thread. The result
   // directory is made only now, so a bad input found above leaves nothing behind.
-  std::filesystem::create_directories(options.out_dir);
+  std::filesystem::create_directories(options.out_dir, out_error);
+  if (out_error)
+    throw Error(fmt::format("{}: cannot create the result directory (--out): {}", options.out_dir.string(),
+                            out_error.message()));
   ResultWriter writer;
   std::vector<ArmOutcome> outcomes(todo.size());
   auto provenance_base = [&] {
