@@ -72,7 +72,7 @@ std::string unescape(const std::string& s) {
 }
 
 // A message template as docs/errors.md writes it, as a regular expression: X (any text), FILE and
-// DIR (a path), N, M and L (an integer) and "..." (anything) are placeholders, the rest is literal.
+// DIR (a path), N, M and L (a number) and "..." (anything) are placeholders, the rest is literal.
 std::regex template_regex(const std::string& t) {
   auto word_char = [](char c) { return std::isalnum(static_cast<unsigned char>(c)) != 0 || c == '_'; };
   std::string re;
@@ -92,7 +92,7 @@ std::regex template_regex(const std::string& t) {
         continue;
       }
       if (w == "N" || w == "M" || w == "L") {
-        re += "-?[0-9]+";
+        re += "-?[0-9]+(\\.[0-9]+)?";
         i = j;
         continue;
       }
