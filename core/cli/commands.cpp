@@ -69,6 +69,8 @@ int cmd_ppl(const Args& args) {
       ("json", "print one JSON object instead of text");
   auto vm = parse("ppl", "--model DIR --text FILE [--seq-len N] [--max-windows K] [--json]", desc, args);
   if (!vm) return 0;
+  if (max_windows < 0) throw Error(fmt::format("--max-windows must be >= 0, got {}", max_windows));
+  if (batch_windows < 0) throw Error(fmt::format("--batch-windows must be >= 0, got {}", batch_windows));
   auto thread_limit = limit_threads(threads);
 
   const auto model = load_model(model_dir);

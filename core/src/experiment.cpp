@@ -157,7 +157,8 @@ void check_structure(const Doc& doc, const YAML::Node& node, int depth) {
 
 YAML::Node load_root(const Doc& doc, const fs::path& file, const std::string& shown) {
   std::error_code ec;
-  if (!fs::is_regular_file(file, ec)) throw Error(fmt::format("{}: experiment file not found", shown));
+  if (!fs::exists(file, ec)) throw Error(fmt::format("{}: experiment file not found", shown));
+  if (!fs::is_regular_file(file, ec)) throw Error(fmt::format("{}: not a regular file (expected a YAML experiment)", shown));
   std::ifstream in(file, std::ios::binary);
   if (!in) throw Error(fmt::format("{}: cannot open experiment file", shown));
   std::stringstream buf;
