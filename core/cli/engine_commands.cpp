@@ -16,11 +16,11 @@
 #include "ptqlab/plugin.hpp"
 #include "ptqlab/report.hpp"
 #include "ptqlab/runner.hpp"
+#include "ptqlab/stop.hpp"
 
 namespace po = boost::program_options;
 
 namespace ptqlab::cli {
-namespace {
 
 // The build's plugin directory first, then --plugin-path directories, then the experiment's.
 void add_plugin_paths(PluginRegistry& registry, const std::vector<std::string>& extra) {
@@ -46,6 +46,8 @@ std::optional<po::variables_map> parse_options(const std::string& command, const
   po::notify(vm);
   return vm;
 }
+
+namespace {
 
 std::string param_range(const ParamSpec& p) {
   if (!p.choices.empty()) return fmt::format("one of {}", fmt::join(p.choices, ", "));
@@ -75,8 +77,14 @@ int cmd_run(const Args& args) {
       ("plugin-path", po::value(&plugin_paths)->composing(), "extra plugin directory (repeatable)");
   po::positional_options_description pos;
   pos.add("experiment", 1);
-  auto vm = parse_options("run", "EXPERIMENT.yaml [--out DIR] [--arms GLOB] [--jobs N] [--force]", desc, &pos, args);
+  auto vm = parse_options("run",
+                          "EXPERIMENT.yaml [--out DIR] [--arms GLOB] [--jobs N] [--force]\n\n"
+                          "Exit status: 0 all arms done, 1 an arm failed, 2 bad input, 75 stopped by SIGTERM\n"
+                          "(unfinished arms wrote nothing; rerun the same command to resume; docs/slurm.md).",
+                          desc, &pos, args);
   if (!vm) return 0;
+  // SIGTERM (sent by Slurm before a time limit) stops the run cleanly at the next safe point.
+  install_stop_handler();
   if (jobs < 1) throw Error(fmt::format("--jobs must be at least 1, got {}", jobs));
 
   PluginRegistry registry;
@@ -98,14 +106,23 @@ int cmd_run(const Args& args) {
   fmt::print("\n{}", format_results_table(report));
   int skipped = 0;
   for (const auto& a : report.arms) skipped += a.status == ArmOutcome::Status::skipped;
-  fmt::print("\n{} arms: {} run, {} already done, {} failed, in {:.1f}s\n", report.arms.size(),
-             report.arms.size() - skipped - report.failed(), skipped, report.failed(), report.seconds);
-  if (report.failed() > 0) {
+  const int ran = static_cast<int>(report.arms.size()) - skipped - report.failed() - report.stopped();
+  fmt::print("\n{} arms: {} run, {} already done, {} failed, {} stopped, in {:.1f}s\n", report.arms.size(), ran,
+             skipped, report.failed(), report.stopped(), report.seconds);
+  std::fflush(stdout);
+  for (const auto& a : report.arms)
+    if (a.status == ArmOutcome::Status::failed) fmt::print(stderr, "ptqlab: arm '{}' failed: {}\n", a.arm, a.message);
+  if (report.stopped() > 0) {
+    std::vector<std::string> stopped;
     for (const auto& a : report.arms)
-      if (a.status == ArmOutcome::Status::failed) fmt::print(stderr, "ptqlab: arm '{}' failed: {}\n", a.arm, a.message);
-    return 1;
+      if (a.status == ArmOutcome::Status::stopped) stopped.push_back(fmt::format("{} ({})", a.arm, a.message));
+    fmt::print(stderr,
+               "ptqlab: stopped by SIGTERM: {} arm(s) unfinished, no result written for them: {}; {} finished arm(s) "
+               "kept; rerun the same command to resume\n",
+               stopped.size(), fmt::join(stopped, ", "), ran + skipped);
+    return kExitStopped;
   }
-  return 0;
+  return report.failed() > 0 ? 1 : 0;
 }
 
 int cmd_plugins(const Args& args) {

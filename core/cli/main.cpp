@@ -30,6 +30,7 @@ const std::map<std::string, Command>& commands() {
       {"plugins", {ptqlab::cli::cmd_plugins, "list plugin components and their parameters"}},
       {"report", {ptqlab::cli::cmd_report, "paper tables (Markdown, LaTeX, CSV) from result files"}},
       {"plot", {ptqlab::cli::cmd_plot, "bits vs perplexity plots with the Pareto front (gnuplot) from result files"}},
+      {"sweep", {ptqlab::cli::cmd_sweep, "run an experiment's arms as a Slurm job array (--slurm), then a report job"}},
   };
   return table;
 }

@@ -1,5 +1,6 @@
 #include "ptqlab/perplexity.hpp"
 
+#include <atomic>
 #include <chrono>
 #include <cmath>
 #include <optional>
@@ -10,6 +11,7 @@
 #include "ptqlab/error.hpp"
 #include "ptqlab/forward.hpp"
 #include "ptqlab/progress.hpp"
+#include "ptqlab/stop.hpp"
 
 namespace ptqlab {
 
@@ -49,7 +51,13 @@ PerplexityResult evaluate_perplexity(const LlamaModel& model, std::span<const in
   if (options.show_progress) progress.emplace(options.label, windows, "windows");
   const auto start = std::chrono::steady_clock::now();
   // Batches are fixed by (windows, per_call) alone, so the result does not depend on threads.
+  // After SIGTERM the remaining batches are skipped and Stopped is thrown (docs/slurm.md).
+  std::atomic<bool> skipped{false};
   tbb::parallel_for(0LL, calls, [&](long long call) {
+    if (stop_requested()) {
+      skipped = true;
+      return;
+    }
     const long long first = call * per_call;
     const int n = static_cast<int>(std::min<long long>(per_call, windows - first));
     const auto tokens = stream.subspan(static_cast<std::size_t>(first) * seq_len, static_cast<std::size_t>(n) * seq_len);
@@ -57,6 +65,7 @@ PerplexityResult evaluate_perplexity(const LlamaModel& model, std::span<const in
     for (int i = 0; i < n; ++i) result.window_nll[first + i] = nll[i];
     if (progress) progress->advance(n);
   });
+  if (skipped) throw Stopped();
   result.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   if (progress) progress->finish();
 

@@ -25,6 +25,7 @@
 #include "ptqlab/plugin.hpp"
 #include "ptqlab/progress.hpp"
 #include "ptqlab/report.hpp"
+#include "ptqlab/stop.hpp"
 #include "ptqlab/text_file.hpp"
 #include "ptqlab/tokenizer.hpp"
 #include "ptqlab/utf8.hpp"
@@ -34,6 +35,12 @@ namespace ptqlab {
 int RunReport::failed() const {
   int n = 0;
   for (const auto& a : arms) n += a.status == ArmOutcome::Status::failed;
+  return n;
+}
+
+int RunReport::stopped() const {
+  int n = 0;
+  for (const auto& a : arms) n += a.status == ArmOutcome::Status::stopped;
   return n;
 }
 
@@ -300,6 +307,13 @@ RunReport run_experiment(const Experiment& exp, const PluginRegistry& registry, 
     monitor.step("shared", fmt::format("FP input statistics ready in {:.2f}s", seconds_since(t0)));
   }
   monitor.stage_done("shared");
+  if (stop_requested()) {  // SIGTERM during the shared work: no arm has started
+    monitor.finish();
+    for (const ArmSpec* arm : todo)
+      report.arms.push_back({arm->name, ArmOutcome::Status::stopped, "not started", options.out_dir / (arm->name + ".h5"), {}});
+    report.seconds = seconds_since(run_start);
+    return report;
+  }
   std::vector<std::int32_t> calibration_tokens;
   for (const auto& w : shared.calibration) calibration_tokens.insert(calibration_tokens.end(), w.begin(), w.end());
 
@@ -330,6 +344,17 @@ RunReport run_experiment(const Experiment& exp, const PluginRegistry& registry, 
     ArmOutcome& out = outcomes[i];
     out.arm = arm.name;
     out.file = options.out_dir / (arm.name + ".h5");
+    if (stop_requested()) {  // SIGTERM before this arm started
+      out.status = ArmOutcome::Status::stopped;
+      out.message = "not started";
+      return;
+    }
+    // What the arm is doing, for the message when SIGTERM stops it.
+    std::string doing = "starting";
+    auto stage = [&](std::string what) {
+      doing = what;
+      monitor.stage(arm.name, std::move(what));
+    };
     ArmResult& r = out.result;
     r.arm = arm.name;
     r.experiment = exp.name;
@@ -351,11 +376,15 @@ RunReport run_experiment(const Experiment& exp, const PluginRegistry& registry, 
         lo.input_stats = &shared.input_stats;
         lo.log = &log;
         lo.seed = exp.seed;
-        lo.on_layer = [&](int l, int n) { monitor.stage(arm.name, fmt::format("quantize layer {}/{}", l + 1, n)); };
+        lo.on_layer = [&](int l, int n) {
+          throw_if_stop_requested();  // between layers: a safe point
+          stage(fmt::format("quantize layer {}/{}", l + 1, n));
+        };
         return quantize_layerwise(m, shared.calibration, lo);
       };
       for (std::size_t p = 0; p < comp.preprocessors.size(); ++p) {
-        monitor.stage(arm.name, fmt::format("preprocess {}", arm.preprocessors[p].name));
+        throw_if_stop_requested();
+        stage(fmt::format("preprocess {}", arm.preprocessors[p].name));
         PreprocessContext pc;
         pc.tokenizer = shared.tokenizer.get();
         pc.quantize = [&](LlamaModel& m) { quantize(m); };
@@ -375,7 +404,8 @@ RunReport run_experiment(const Experiment& exp, const PluginRegistry& registry, 
       for (std::size_t e = 0; e < exp.evaluators.size(); ++e) {
         const auto& spec = exp.evaluators[e];
         for (const auto& d : spec.datasets) {
-          monitor.stage(arm.name, fmt::format("{} {}", spec.evaluator.name, d.name));
+          throw_if_stop_requested();  // between datasets (perplexity also checks between batches)
+          stage(fmt::format("{} {}", spec.evaluator.name, d.name));
           EvalContext ec;
           ec.dataset = d.name;
           ec.file = d.file;
@@ -398,6 +428,13 @@ RunReport run_experiment(const Experiment& exp, const PluginRegistry& registry, 
         }
       }
       out.status = ArmOutcome::Status::completed;
+    } catch (const Stopped&) {
+      // SIGTERM: nothing of this arm is written, so nothing looks complete; a rerun redoes it.
+      out.status = ArmOutcome::Status::stopped;
+      out.message = "stopped during " + doing;
+      monitor.step(arm.name, fmt::format("STOPPED (SIGTERM) during {}: no result written", doing));
+      monitor.stage_done(arm.name);
+      return;
     } catch (const std::exception& e) {
       // The arm failed (bad numerics, a plugin's error): record it; the other arms go on.
       r.status = "failed";
@@ -408,7 +445,7 @@ RunReport run_experiment(const Experiment& exp, const PluginRegistry& registry, 
     }
     r.seconds = seconds_since(t0);
     r.provenance.end_time = utc_now();
-    monitor.stage(arm.name, "writing results");
+    stage("writing results");
     try {
       writer.submit(out.file, r).get();
       if (out.status == ArmOutcome::Status::completed)
@@ -467,6 +504,7 @@ std::string format_results_table(const RunReport& report) {
     const auto& r = a.result;
     const char* status = a.status == ArmOutcome::Status::completed ? "done"
                          : a.status == ArmOutcome::Status::skipped ? "cached"
+                         : a.status == ArmOutcome::Status::stopped ? "stopped"
                                                                    : "FAILED";
     std::vector<std::string> row = {a.arm, status, fmt::format("{:.3f}", r.total_bits.paper_per_weight()),
                                     fmt::format("{:.3f}", r.total_bits.all_in_per_weight())};

@@ -1,8 +1,11 @@
 // A plugin built outside plugins/ (tests/plugins), loaded from its own directory by the tests.
 // Quantizer "test-scale" multiplies weights by `factor`; it counts live instances so the test can
 // check the library stays loaded while an object lives.
+#include <chrono>
 #include <cmath>
+#include <fstream>
 #include <limits>
+#include <thread>
 
 #include "ptqlab/error.hpp"
 #include "ptqlab/plugin.hpp"
@@ -62,6 +65,26 @@ class LayerQuantizer : public ptqlab::Quantizer {
   }
 };
 
+// Leaves weights alone but takes `ms` milliseconds per linear, and creates the file `marker` when
+// it starts: a run that is reliably in the middle of a layer when a test sends SIGTERM.
+class SlowQuantizer : public ptqlab::Quantizer {
+ public:
+  explicit SlowQuantizer(const ptqlab::Params& p) : ms_(p.get_int("ms")), marker_(p.get_string("marker")) {}
+  ptqlab::BitCount quantize_linear(const ptqlab::LinearContext&, ptqlab::Matrix& w) override {
+    if (!marker_.empty()) std::ofstream(marker_) << "started\n";
+    std::this_thread::sleep_for(std::chrono::milliseconds(ms_));
+    ptqlab::BitCount b;
+    b.weights = w.size();
+    b.payload = 32.0 * w.size();
+    b.paper = b.payload;
+    return b;
+  }
+
+ private:
+  long long ms_;
+  std::string marker_;
+};
+
 class ConstantEvaluator : public ptqlab::Evaluator {
  public:
   std::map<std::string, double> evaluate(const ptqlab::EvalContext& ctx, const ptqlab::LlamaModel&) override {
@@ -94,6 +117,12 @@ PTQLAB_PLUGIN(registrar) {
   registrar->add_quantizer(refuses, [](const ptqlab::Params&) -> std::unique_ptr<ptqlab::Quantizer> {
     throw ptqlab::Error("test-refuses: this combination of parameters is not supported");
   });
+  ptqlab::ComponentSchema slow;
+  slow.name = "test-slow";
+  slow.description = "test: sleeps per linear, creates a marker file when it starts";
+  slow.params = {{"ms", ptqlab::ParamType::integer, std::int64_t{100}, "milliseconds per linear", 0.0, 100000.0, {}},
+                 {"marker", ptqlab::ParamType::string, std::string(""), "file created when quantization starts", {}, {}, {}}};
+  registrar->add_quantizer(slow, [](const ptqlab::Params& p) { return std::make_unique<SlowQuantizer>(p); });
   ptqlab::ComponentSchema e;
   e.name = "test-count";
   e.description = "test: counts tokens";

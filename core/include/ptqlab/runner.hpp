@@ -6,6 +6,8 @@
 //   3. run the arms in parallel in a TBB task_arena of --jobs threads (parallelism inside an arm
 //      uses the same arena, so there is no oversubscription);
 //   4. each arm writes DIR/<arm>.h5 through the process's single HDF5 writer thread.
+// After SIGTERM (ptqlab/stop.hpp) arms stop at the next safe point and write nothing; they come
+// back with status `stopped`, finished arms keep their files.
 #include <filesystem>
 #include <string>
 #include <vector>
@@ -26,7 +28,7 @@ struct RunOptions {
 };
 
 struct ArmOutcome {
-  enum class Status { completed, skipped, failed };
+  enum class Status { completed, skipped, failed, stopped };  // stopped: no result file written
   std::string arm;
   Status status = Status::completed;
   std::string message;
@@ -38,6 +40,7 @@ struct RunReport {
   std::vector<ArmOutcome> arms;
   double seconds = 0;
   int failed() const;
+  int stopped() const;
 };
 
 RunReport run_experiment(const Experiment& experiment, const PluginRegistry& registry, const RunOptions& options);
