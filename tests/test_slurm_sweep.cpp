@@ -202,6 +202,11 @@ TEST(SlurmSweep, ResubmitsOnlyMissingArms) {
   EXPECT_EQ(plan.array_spec, "0,3%3");
   EXPECT_EQ(plan.arms[1].state, SweepArm::State::done);
   EXPECT_EQ(plan.arms[0].state, SweepArm::State::missing);
+  s.options.arms_glob = "f*";  // --arms: only those, done or not
+  EXPECT_EQ(plan_slurm_sweep(s.exp, s.options).array_spec, "0%3");
+  s.options.arms_glob = "rtn*";
+  EXPECT_TRUE(plan_slurm_sweep(s.exp, s.options).pending.empty());
+  s.options.arms_glob = "*";
 
   // A failed result of the same configuration is run again; so is a file that is not a result.
   ArmResult failed;
@@ -325,6 +330,7 @@ TEST(SweepCli, BadOptionsExit2WithOneLine) {
       {base + "--slurm --partition 'a b'", "--partition 'a b'"},
       {base + "--slurm --throttle -1", "--throttle"},
       {base + "--slurm --bogus", "bogus"},
+      {base + "--slurm --arms 'nothing*'", "--arms 'nothing*' matches no arm"},
       {"sweep " + (s.dir.path() / "missing.yaml").string() + " --slurm", "missing.yaml"},
       {"sweep " + s.yaml.string() + " --slurm --out " + (s.dir.path() / "a-file").string(), "not a directory"},
   };

@@ -110,6 +110,7 @@ int cmd_sweep(const Args& args) {
       ("mem", po::value(&options.mem), "memory per arm, e.g. 8G (default: the cluster's default)")
       ("cpus", po::value(&options.cpus)->default_value(1), "CPUs per arm (the task runs ptqlab run --jobs CPUS)")
       ("throttle", po::value(&options.throttle)->default_value(0), "at most N arms at once (%N); 0: no limit")
+      ("arms", po::value(&options.arms_glob)->default_value("*"), "submit only the arms whose names match this glob")
       ("submit", "run sbatch (otherwise print the commands)")
       ("force", "submit every arm and recompute existing results")
       ("plugin-path", po::value(&plugin_paths)->composing(), "extra plugin directory (repeatable)");
@@ -117,7 +118,7 @@ int cmd_sweep(const Args& args) {
   pos.add("experiment", 1);
   auto vm = parse_options("sweep",
                           "EXPERIMENT.yaml --slurm [--out DIR] [--partition P] [--time T] [--mem M] [--cpus C]\n"
-                          "       [--throttle N] [--submit] [--force]\n\n"
+                          "       [--throttle N] [--arms GLOB] [--submit] [--force]\n\n"
                           "Writes <out>/slurm/: a frozen copy of the experiment, array.sbatch (task i runs arm i),\n"
                           "report.sbatch (afterok the array: ptqlab report -> <out>/report.md) and manifest.tsv.\n"
                           "Only arms without a finished result are submitted; rerun after a time limit or failure.\n"
@@ -145,7 +146,7 @@ int cmd_sweep(const Args& args) {
   fmt::print("experiment {} ({}): {} arms, {} with results, {} failed before, {} to submit; results in {}\n", exp.name,
              exp.file.string(), plan.arms.size(), done, failed, plan.pending.size(), options.out_dir.string());
   if (plan.pending.empty()) {
-    fmt::print("nothing to submit: every arm has a finished result (ptqlab report {})\n", options.out_dir.string());
+    fmt::print("nothing to submit: every selected arm has a finished result (ptqlab report {})\n", options.out_dir.string());
     return 0;
   }
   write_slurm_sweep(plan, exp, options, registry);

@@ -432,6 +432,7 @@ RunReport run_experiment(const Experiment& exp, const PluginRegistry& registry, 
       // SIGTERM: nothing of this arm is written, so nothing looks complete; a rerun redoes it.
       out.status = ArmOutcome::Status::stopped;
       out.message = "stopped during " + doing;
+      r.seconds = seconds_since(t0);
       monitor.step(arm.name, fmt::format("STOPPED (SIGTERM) during {}: no result written", doing));
       monitor.stage_done(arm.name);
       return;

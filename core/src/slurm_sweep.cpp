@@ -1,5 +1,6 @@
 #include "ptqlab/slurm_sweep.hpp"
 
+#include <fnmatch.h>
 #include <unistd.h>
 
 #include <fstream>
@@ -171,6 +172,7 @@ SlurmSweepPlan plan_slurm_sweep(const Experiment& exp, const SlurmSweepOptions& 
   validate_slurm_options(o);
   SlurmSweepPlan plan;
   std::vector<std::string> stale;
+  bool any_selected = false;
   for (std::size_t i = 0; i < exp.arms.size(); ++i) {
     const ArmSpec& spec = exp.arms[i];
     SweepArm a{static_cast<int>(i), spec.name, spec.config_hash, SweepArm::State::missing};
@@ -188,8 +190,16 @@ SlurmSweepPlan plan_slurm_sweep(const Experiment& exp, const SlurmSweepOptions& 
         }
       }
     }
-    if (o.force || a.state != SweepArm::State::done) plan.pending.push_back(a.index);
+    const bool selected = ::fnmatch(o.arms_glob.c_str(), spec.name.c_str(), 0) == 0;
+    any_selected = any_selected || selected;
+    if (selected && (o.force || a.state != SweepArm::State::done)) plan.pending.push_back(a.index);
     plan.arms.push_back(std::move(a));
+  }
+  if (!any_selected) {
+    std::vector<std::string> names;
+    for (const auto& a : exp.arms) names.push_back(a.name);
+    throw Error(fmt::format("--arms '{}' matches no arm of {} (arms: {})", o.arms_glob, exp.file.string(),
+                            fmt::join(names, ", ")));
   }
   if (!stale.empty() && !o.force)
     throw Error(fmt::format("{} already hold results of a different configuration (config hash differs); rerun with "

@@ -23,6 +23,7 @@ struct SlurmSweepOptions {
   std::string mem;                                  // per task, e.g. "4G"; empty: the cluster's default
   int cpus = 1;                                     // per task; each task runs `ptqlab run --jobs <cpus>`
   int throttle = 0;                                 // at most this many tasks at once (%N); 0: no limit
+  std::string arms_glob = "*";                      // submit only arms whose names match (fnmatch)
   bool force = false;                               // submit every arm, recomputing existing results
   std::filesystem::path ptqlab_binary;              // absolute path the jobs run
   std::vector<std::filesystem::path> plugin_paths;  // --plugin-path directories, passed on to the jobs
@@ -49,7 +50,7 @@ struct SweepArm {
 
 struct SlurmSweepPlan {
   std::vector<SweepArm> arms;  // every arm of the experiment, in order
-  std::vector<int> pending;    // task indices to submit (missing, failed; every arm with --force)
+  std::vector<int> pending;    // task indices to submit: selected arms that are missing or failed (all with --force)
   std::string frozen_name;     // "experiment-<12 hex>.yaml", named by its content
   std::string frozen_yaml;     // the experiment with every path absolute and its name explicit
   std::string array_script;
