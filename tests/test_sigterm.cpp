@@ -61,6 +61,7 @@ std::string read(const fs::path& p) {
 // Result-looking files (*.h5 not starting with '.') in dir.
 std::vector<std::string> result_files(const fs::path& dir) {
   std::vector<std::string> names;
+  if (!fs::exists(dir)) return names;
   for (const auto& f : fs::directory_iterator(dir))
     if (f.path().extension() == ".h5" && f.path().filename().string()[0] != '.') names.push_back(f.path().stem());
   std::sort(names.begin(), names.end());
