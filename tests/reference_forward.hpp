@@ -85,33 +85,66 @@ inline Mat attention(const Mat& q, const Mat& k, const Mat& v, int heads, int kv
   return out;
 }
 
-inline void decoder_layer(const LlamaConfig& c, const DecoderLayer& l, Mat& h, int batch, int seq_len) {
+// One decoder layer; `lin(which, x)` computes each linear (plain x Wᵀ, or with adapters).
+template <class LinearFn>
+inline void decoder_layer_with(const LlamaConfig& c, const DecoderLayer& l, Mat& h, int batch, int seq_len,
+                               LinearFn&& lin) {
   auto x = rms_norm(h, l.input_norm, c.rms_norm_eps);
-  auto q = linear(x, l.q_proj), k = linear(x, l.k_proj), v = linear(x, l.v_proj);
+  auto q = lin(Linear::q_proj, x), k = lin(Linear::k_proj, x), v = lin(Linear::v_proj, x);
   rope(q, c.num_heads, c.head_dim, c.rope_theta, seq_len);
   rope(k, c.num_kv_heads, c.head_dim, c.rope_theta, seq_len);
-  const auto o = linear(attention(q, k, v, c.num_heads, c.num_kv_heads, c.head_dim, batch, seq_len), l.o_proj);
+  const auto o = lin(Linear::o_proj, attention(q, k, v, c.num_heads, c.num_kv_heads, c.head_dim, batch, seq_len));
   for (std::size_t r = 0; r < h.size(); ++r)
     for (std::size_t i = 0; i < h[r].size(); ++i) h[r][i] += o[r][i];
   x = rms_norm(h, l.post_norm, c.rms_norm_eps);
-  auto g = linear(x, l.gate_proj);
-  const auto u = linear(x, l.up_proj);
+  auto g = lin(Linear::gate_proj, x);
+  const auto u = lin(Linear::up_proj, x);
   for (std::size_t r = 0; r < g.size(); ++r)
     for (std::size_t i = 0; i < g[r].size(); ++i) g[r][i] = g[r][i] / (1.0 + std::exp(-g[r][i])) * u[r][i];
-  const auto d = linear(g, l.down_proj);
+  const auto d = lin(Linear::down_proj, g);
   for (std::size_t r = 0; r < h.size(); ++r)
     for (std::size_t i = 0; i < h[r].size(); ++i) h[r][i] += d[r][i];
 }
 
-inline Mat logits(const LlamaModel& m, const std::vector<int>& tokens, int batch, int seq_len) {
+inline void decoder_layer(const LlamaConfig& c, const DecoderLayer& l, Mat& h, int batch, int seq_len) {
+  decoder_layer_with(c, l, h, batch, seq_len, [&](Linear which, const Mat& x) { return linear(x, l.linear(which)); });
+}
+
+inline Mat embed(const LlamaModel& m, const std::vector<int>& tokens) {
   Mat h;
   for (int id : tokens) {
     std::vector<double> row(m.embed.cols());
     for (Eigen::Index i = 0; i < m.embed.cols(); ++i) row[i] = m.embed(id, i);
     h.push_back(row);
   }
-  for (const auto& l : m.layers) decoder_layer(m.config, l, h, batch, seq_len);
+  return h;
+}
+
+inline Mat head_logits(const LlamaModel& m, const Mat& h) {
   return linear(rms_norm(h, m.final_norm, m.config.rms_norm_eps), m.output_head());
+}
+
+inline Mat logits(const LlamaModel& m, const std::vector<int>& tokens, int batch, int seq_len) {
+  Mat h = embed(m, tokens);
+  for (const auto& l : m.layers) decoder_layer(m.config, l, h, batch, seq_len);
+  return head_logits(m, h);
+}
+
+// Mean next-token cross-entropy of logits over windows of seq_len (the last position of each
+// window predicts nothing).
+inline double mean_next_token_nll(const Mat& logits, const std::vector<int>& tokens, int seq_len) {
+  double sum = 0;
+  long long n = 0;
+  for (std::size_t r = 0; r < logits.size(); ++r) {
+    if ((r + 1) % static_cast<std::size_t>(seq_len) == 0) continue;
+    double m = -1e300;
+    for (double z : logits[r]) m = std::max(m, z);
+    double z = 0;
+    for (double v : logits[r]) z += std::exp(v - m);
+    sum += m + std::log(z) - logits[r][static_cast<std::size_t>(tokens[r + 1])];
+    ++n;
+  }
+  return sum / static_cast<double>(n);
 }
 
 }  // namespace ptqlab::reference

@@ -1,9 +1,12 @@
 #include "ptqlab/artifact_cache.hpp"
 
+#include <fcntl.h>
+#include <sys/file.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
+#include <cerrno>
 #include <cstring>
 #include <fstream>
 
@@ -133,6 +136,69 @@ void ArtifactCache::store_stats(const std::string& key, const ModelInputStats& s
       append(payload, s.mean_abs.data(), n);
     }
   write_entry(path_of(key, "stats"), key, payload);
+}
+
+bool ArtifactCache::load_linears(const std::string& key, LlamaModel& model, std::vector<double>& series) const {
+  if (!enabled()) return false;
+  auto payload = read_entry(path_of(key, "linears"), key);
+  if (!payload) return false;
+  std::size_t pos = 0;
+  std::uint64_t n = 0, layers = 0;
+  if (!take(*payload, pos, &n, 1) || n > (1u << 24)) return false;
+  std::vector<double> values(n);
+  if (!take(*payload, pos, values.data(), n) || !take(*payload, pos, &layers, 1) || layers != model.layers.size())
+    return false;
+  std::vector<Matrix> weights;
+  for (const auto& layer : model.layers)
+    for (Linear which : kAllLinears) {
+      const Matrix& w = layer.linear(which);
+      std::uint64_t shape[2] = {0, 0};
+      if (!take(*payload, pos, shape, 2) || shape[0] != static_cast<std::uint64_t>(w.rows()) ||
+          shape[1] != static_cast<std::uint64_t>(w.cols()))
+        return false;
+      Matrix m(w.rows(), w.cols());
+      if (!take(*payload, pos, m.data(), static_cast<std::size_t>(m.size()))) return false;
+      weights.push_back(std::move(m));
+    }
+  if (pos != payload->size()) return false;
+  std::size_t i = 0;
+  for (auto& layer : model.layers)
+    for (Linear which : kAllLinears) layer.linear(which) = std::move(weights[i++]);
+  series = std::move(values);
+  return true;
+}
+
+void ArtifactCache::store_linears(const std::string& key, const LlamaModel& model, const std::vector<double>& series) const {
+  if (!enabled()) return;
+  std::string payload;
+  const std::uint64_t n = series.size(), layers = model.layers.size();
+  append(payload, &n, 1);
+  append(payload, series.data(), series.size());
+  append(payload, &layers, 1);
+  for (const auto& layer : model.layers)
+    for (Linear which : kAllLinears) {
+      const Matrix& w = layer.linear(which);
+      const std::uint64_t shape[2] = {static_cast<std::uint64_t>(w.rows()), static_cast<std::uint64_t>(w.cols())};
+      append(payload, shape, 2);
+      append(payload, w.data(), static_cast<std::size_t>(w.size()));
+    }
+  write_entry(path_of(key, "linears"), key, payload);
+}
+
+ArtifactCache::Lock::Lock(const std::filesystem::path& file) {
+  fd_ = ::open(file.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+  if (fd_ < 0) return;  // no lock possible (read-only cache): compute without one
+  while (::flock(fd_, LOCK_EX) != 0 && errno == EINTR) {
+  }
+}
+
+ArtifactCache::Lock::~Lock() {
+  if (fd_ >= 0) ::close(fd_);  // closing releases the flock
+}
+
+ArtifactCache::Lock ArtifactCache::lock(const std::string& key) const {
+  if (!enabled()) return Lock();
+  return Lock(path_of(key, "lock"));
 }
 
 std::string token_stream_key(const std::filesystem::path& tokenizer_model, const std::filesystem::path& text) {

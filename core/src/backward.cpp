@@ -70,28 +70,31 @@ constexpr Index kRowChunk = 256;
 // ---------------------------------------------------------------------------------------------
 // Linear: y = x Wᵀ  =>  dx = dy W,  dW = dyᵀ x.
 
+void linear_backward_input(const Matrix& w, const Matrix& grad_y, Matrix& dx) {
+  const Index n = grad_y.rows(), in = w.cols(), out = w.rows();
+  check_shape(grad_y, n, out, "linear output gradient");
+  prepare(dx, n, in, "linear input");
+  if (static_cast<double>(n) * out * in < kSmallGemm) {
+    dx.noalias() += grad_y * w;
+    return;
+  }
+  tbb::parallel_for(
+      tbb::blocked_range2d<Index>(0, n, kRowTile, 0, in, kColTile),
+      [&](const tbb::blocked_range2d<Index>& r) {
+        const Index r0 = r.rows().begin(), nr = r.rows().size();
+        const Index c0 = r.cols().begin(), nc = r.cols().size();
+        dx.block(r0, c0, nr, nc).noalias() += grad_y.middleRows(r0, nr) * w.middleCols(c0, nc);
+      },
+      tbb::simple_partitioner());
+}
+
 void linear_backward(const Matrix& x, const Matrix& w, const Matrix& grad_y, Matrix* grad_x, Matrix& grad_w) {
   const Index n = x.rows(), in = w.cols(), out = w.rows();
   check_shape(x, n, in, "linear input");
   check_shape(grad_y, n, out, "linear output gradient");
   const bool small = static_cast<double>(n) * out * in < kSmallGemm;
 
-  if (grad_x != nullptr) {
-    Matrix& dx = *grad_x;
-    prepare(dx, n, in, "linear input");
-    if (small) {
-      dx.noalias() += grad_y * w;
-    } else {
-      tbb::parallel_for(
-          tbb::blocked_range2d<Index>(0, n, kRowTile, 0, in, kColTile),
-          [&](const tbb::blocked_range2d<Index>& r) {
-            const Index r0 = r.rows().begin(), nr = r.rows().size();
-            const Index c0 = r.cols().begin(), nc = r.cols().size();
-            dx.block(r0, c0, nr, nc).noalias() += grad_y.middleRows(r0, nr) * w.middleCols(c0, nc);
-          },
-          tbb::simple_partitioner());
-    }
-  }
+  if (grad_x != nullptr) linear_backward_input(w, grad_y, *grad_x);
 
   prepare(grad_w, out, in, "linear weight");
   if (small) {

@@ -177,6 +177,20 @@ std::vector<int> tokenize_file(const std::filesystem::path& text, const Tokenize
   return perplexity_stream(tok, read_utf8_text_file(text), bos);
 }
 
+// What an arm's quantization before preprocessing step `step` depends on, besides the model and
+// calibration windows (`base`): the mask, the quantizer and the earlier preprocessing steps.
+std::string quantize_key(const ArmSpec& arm, std::size_t step, const std::string& base) {
+  auto component = [](const ComponentRef& c) {
+    std::string text = c.name;
+    for (const auto& [name, value] : c.params.values()) text += "|" + name + "=" + param_value_text(value);
+    return text;
+  };
+  std::string material = base + "|quantizer:" + component(arm.quantizer);
+  if (arm.mask) material += "|mask:" + component(*arm.mask);
+  for (std::size_t i = 0; i < step; ++i) material += "|preprocess:" + component(arm.preprocessors[i]);
+  return sha256_hex(material);
+}
+
 }  // namespace
 
 RunReport run_experiment(const Experiment& exp, const PluginRegistry& registry, const RunOptions& options) {
@@ -316,6 +330,14 @@ RunReport run_experiment(const Experiment& exp, const PluginRegistry& registry, 
   }
   std::vector<std::int32_t> calibration_tokens;
   for (const auto& w : shared.calibration) calibration_tokens.insert(calibration_tokens.end(), w.begin(), w.end());
+  // Model and calibration windows, then the experiment seed: what every arm's stage 1 shares.
+  std::string stage1_material;
+  if (cache.enabled()) {
+    stage1_material = model_key(exp.model_dir) + "|calibration:" +
+                      sha256_hex(std::string(reinterpret_cast<const char*>(calibration_tokens.data()),
+                                             calibration_tokens.size() * sizeof(std::int32_t))) +
+                      fmt::format("|seed:{}", exp.seed);
+  }
 
   // 3. The arms, in parallel. Each arm's result goes to the single writer thread. The result
   // directory is made only now, so a bad input found above leaves nothing behind.
@@ -369,11 +391,13 @@ RunReport run_experiment(const Experiment& exp, const PluginRegistry& registry, 
     try {
       if (!component_errors[i].empty()) throw Error(component_errors[i]);
       LlamaModel model = shared.model;  // each arm quantizes its own copy
+      const ModelInputStats* stats = &shared.input_stats;
+      ModelInputStats preprocessed_stats;
       auto quantize = [&](LlamaModel& m) {
         LayerwiseOptions lo;
         lo.quantizer = comp.quantizer.get();
         lo.mask = comp.mask.get();
-        lo.input_stats = &shared.input_stats;
+        lo.input_stats = stats;
         lo.log = &log;
         lo.seed = exp.seed;
         lo.on_layer = [&](int l, int n) {
@@ -382,6 +406,36 @@ RunReport run_experiment(const Experiment& exp, const PluginRegistry& registry, 
         };
         return quantize_layerwise(m, shared.calibration, lo);
       };
+      // Runs every evaluator on `m`; metrics go under "<prefix><evaluator>".
+      auto evaluate = [&](const LlamaModel& m, const std::string& prefix) {
+        for (std::size_t e = 0; e < exp.evaluators.size(); ++e) {
+          const auto& spec = exp.evaluators[e];
+          for (const auto& d : spec.datasets) {
+            throw_if_stop_requested();  // between datasets (perplexity also checks between batches)
+            stage(fmt::format("{}{} {}", prefix, spec.evaluator.name, d.name));
+            EvalContext ec;
+            ec.dataset = d.name;
+            ec.file = d.file;
+            const auto* stream = &shared.streams.at(d.file);
+            ec.tokens = [stream]() -> const std::vector<int>& { return *stream; };
+            ec.reference = &shared.model;
+            const auto te = Clock::now();
+            std::map<std::string, double> metrics;
+            try {
+              metrics = evaluators[e]->evaluate(ec, m);
+            } catch (const Error& err) {  // name the dataset and its file: the message may not
+              throw Error(fmt::format("{}{} on dataset '{}' ({}): {}", prefix, spec.evaluator.name, d.name,
+                                      d.file.string(), err.what()));
+            }
+            std::string shown;
+            for (const auto& [k, v] : metrics)
+              if (k == "ppl") shown = fmt::format("ppl {:.4f}", v);
+            monitor.step(arm.name, fmt::format("{}{} {}: {} ({:.2f}s)", prefix, spec.evaluator.name, d.name,
+                                               shown.empty() ? std::string("done") : shown, seconds_since(te)));
+            r.metrics[prefix + spec.evaluator.name][d.name] = std::move(metrics);
+          }
+        }
+      };
       for (std::size_t p = 0; p < comp.preprocessors.size(); ++p) {
         throw_if_stop_requested();
         stage(fmt::format("preprocess {}", arm.preprocessors[p].name));
@@ -389,44 +443,33 @@ RunReport run_experiment(const Experiment& exp, const PluginRegistry& registry, 
         pc.tokenizer = shared.tokenizer.get();
         pc.quantize = [&](LlamaModel& m) { quantize(m); };
         pc.calibration = &shared.calibration;
+        pc.calibration_stream = &shared.streams.at(exp.calibration.text);
         pc.seed = exp.seed;
         pc.log = &log;
+        pc.status = [&](const std::string& what) { stage(what); };
+        pc.note = [&](const std::string& line) { monitor.step(arm.name, line); };
+        pc.cache_dir = options.cache_dir;
+        pc.quantize_key = quantize_key(arm, p, stage1_material);
         const auto tp = Clock::now();
         comp.preprocessors[p]->apply(pc, model);
         monitor.step(arm.name, fmt::format("preprocess {} done in {:.2f}s", arm.preprocessors[p].name, seconds_since(tp)));
+        // Stage 2 quantizes the preprocessed model: its masks see its own activations, unless the
+        // preprocessor keeps the original ones (restorative-lora stage2_stats: stage1).
+        if (!shared.input_stats.empty() && comp.preprocessors[p]->recompute_input_stats()) {
+          stage("input statistics of the preprocessed model");
+          preprocessed_stats = collect_input_stats(model, shared.calibration);
+          stats = &preprocessed_stats;
+        }
       }
+      // The FP quality of the preprocessed model itself (PTQ1.61 Table 9), before stage 2.
+      if (!comp.preprocessors.empty()) evaluate(model, "preprocessed:");
       const auto tq = Clock::now();
       r.linears = quantize(model);
       for (const auto& l : r.linears) r.total_bits += l.bits;
       monitor.step(arm.name, fmt::format("quantized {} linears with {} in {:.2f}s: {:.3f} bits/weight (paper), {:.3f} (all-in)",
                                          r.linears.size(), arm.quantizer.name, seconds_since(tq),
                                          r.total_bits.paper_per_weight(), r.total_bits.all_in_per_weight()));
-      for (std::size_t e = 0; e < exp.evaluators.size(); ++e) {
-        const auto& spec = exp.evaluators[e];
-        for (const auto& d : spec.datasets) {
-          throw_if_stop_requested();  // between datasets (perplexity also checks between batches)
-          stage(fmt::format("{} {}", spec.evaluator.name, d.name));
-          EvalContext ec;
-          ec.dataset = d.name;
-          ec.file = d.file;
-          const auto* stream = &shared.streams.at(d.file);
-          ec.tokens = [stream]() -> const std::vector<int>& { return *stream; };
-          ec.reference = &shared.model;
-          const auto te = Clock::now();
-          std::map<std::string, double> metrics;
-          try {
-            metrics = evaluators[e]->evaluate(ec, model);
-          } catch (const Error& err) {  // name the dataset and its file: the message may not
-            throw Error(fmt::format("{} on dataset '{}' ({}): {}", spec.evaluator.name, d.name, d.file.string(), err.what()));
-          }
-          std::string shown;
-          for (const auto& [k, v] : metrics)
-            if (k == "ppl") shown = fmt::format("ppl {:.4f}", v);
-          monitor.step(arm.name, fmt::format("{} {}: {} ({:.2f}s)", spec.evaluator.name, d.name,
-                                             shown.empty() ? std::string("done") : shown, seconds_since(te)));
-          r.metrics[spec.evaluator.name][d.name] = std::move(metrics);
-        }
-      }
+      evaluate(model, "");
       out.status = ArmOutcome::Status::completed;
     } catch (const Stopped&) {
       // SIGTERM: nothing of this arm is written, so nothing looks complete; a rerun redoes it.

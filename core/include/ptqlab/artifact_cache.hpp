@@ -23,6 +23,26 @@ class ArtifactCache {
   void store_tokens(const std::string& key, const std::vector<int>& tokens) const;
   std::optional<ModelInputStats> load_stats(const std::string& key) const;
   void store_stats(const std::string& key, const ModelInputStats& stats) const;
+  // The decoder-layer linear weights of a model plus a series of numbers (restorative LoRA's merged
+  // model and its loss curve; everything else of that model equals the original). load_linears
+  // replaces the linears of `model` only when the entry is complete and every shape fits.
+  bool load_linears(const std::string& key, LlamaModel& model, std::vector<double>& series) const;
+  void store_linears(const std::string& key, const LlamaModel& model, const std::vector<double>& series) const;
+
+  // Holds an exclusive lock on one key, across threads and processes (flock on DIR/lock-<hash>),
+  // while one of them computes the entry; the others wait, then find it. Disabled cache: no-op.
+  class Lock {
+   public:
+    Lock() = default;
+    explicit Lock(const std::filesystem::path& file);
+    ~Lock();
+    Lock(Lock&& other) noexcept : fd_(other.fd_) { other.fd_ = -1; }
+    Lock& operator=(Lock&&) = delete;
+
+   private:
+    int fd_ = -1;
+  };
+  Lock lock(const std::string& key) const;
 
  private:
   std::filesystem::path path_of(const std::string& key, const char* kind) const;

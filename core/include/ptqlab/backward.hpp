@@ -35,6 +35,8 @@ namespace ptqlab {
 // y = x Wᵀ (linear_forward).  grad_x += grad_y W   (when grad_x != nullptr),  grad_w += grad_yᵀ x.
 // x: [n, in], w: [out, in], grad_y: [n, out].
 void linear_backward(const Matrix& x, const Matrix& w, const Matrix& grad_y, Matrix* grad_x, Matrix& grad_w);
+// Only the input gradient, for a frozen weight: grad_x += grad_y W.
+void linear_backward_input(const Matrix& w, const Matrix& grad_y, Matrix& grad_x);
 
 // Inverse rms of each row: 1 / sqrt(mean(x²) + eps), the factor rms_norm multiplies by.
 Vector rms_norm_inv_rms(const Matrix& x, float eps);

@@ -170,14 +170,24 @@ struct PreprocessContext {
   const Tokenizer* tokenizer = nullptr;
   std::function<void(LlamaModel&)> quantize;
   const std::vector<std::vector<int>>* calibration = nullptr;  // calibration windows (token ids)
+  const std::vector<int>* calibration_stream = nullptr;        // the whole calibration text (BOS + ids)
   std::uint64_t seed = 0;
   TensorLog* log = nullptr;
+  std::function<void(const std::string&)> status;  // what the step is doing now (redrawn status line)
+  std::function<void(const std::string&)> note;    // one line for the run's log
+  // The run's artifact cache (empty: none) and a sha256 over everything `quantize` depends on (model,
+  // calibration windows, mask and quantizer configuration, seed), for content-addressed results.
+  std::filesystem::path cache_dir;
+  std::string quantize_key;
 };
 
 class Preprocessor {
  public:
   virtual ~Preprocessor() = default;
   virtual void apply(const PreprocessContext& ctx, LlamaModel& model) = 0;
+  // Whether the quantization after this step recomputes the FP input statistics (activation masks)
+  // on the preprocessed model (true) or keeps those of the original model.
+  virtual bool recompute_input_stats() const { return true; }
 };
 
 // A dataset as evaluators see it: name, file, and its token stream (BOS + ids), tokenized once
