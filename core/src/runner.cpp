@@ -150,6 +150,22 @@ class ArmLog : public TensorLog {
   std::mutex mutex_;
 };
 
+// The arm's log under a path prefix: a preprocessor's stage-1 quantization logs the same series
+// names (layer0/loss, ...) as the final quantization.
+class PrefixedLog : public TensorLog {
+ public:
+  PrefixedLog(TensorLog& inner, std::string prefix) : inner_(inner), prefix_(std::move(prefix)) {}
+  bool enabled() const override { return inner_.enabled(); }
+  void tensor(const std::string& path, const Matrix& value) override { inner_.tensor(prefix_ + path, value); }
+  void series(const std::string& path, std::vector<double> values) override {
+    inner_.series(prefix_ + path, std::move(values));
+  }
+
+ private:
+  TensorLog& inner_;
+  std::string prefix_;
+};
+
 struct ArmComponents {
   std::vector<std::shared_ptr<Preprocessor>> preprocessors;
   std::shared_ptr<Mask> mask;
@@ -393,12 +409,12 @@ RunReport run_experiment(const Experiment& exp, const PluginRegistry& registry, 
       LlamaModel model = shared.model;  // each arm quantizes its own copy
       const ModelInputStats* stats = &shared.input_stats;
       ModelInputStats preprocessed_stats;
-      auto quantize = [&](LlamaModel& m) {
+      auto quantize = [&](LlamaModel& m, TensorLog* tensor_log) {
         LayerwiseOptions lo;
         lo.quantizer = comp.quantizer.get();
         lo.mask = comp.mask.get();
         lo.input_stats = stats;
-        lo.log = &log;
+        lo.log = tensor_log;
         lo.seed = exp.seed;
         lo.on_layer = [&](int l, int n) {
           throw_if_stop_requested();  // between layers: a safe point
@@ -441,7 +457,10 @@ RunReport run_experiment(const Experiment& exp, const PluginRegistry& registry, 
         stage(fmt::format("preprocess {}", arm.preprocessors[p].name));
         PreprocessContext pc;
         pc.tokenizer = shared.tokenizer.get();
-        pc.quantize = [&](LlamaModel& m) { quantize(m); };
+        pc.quantize = [&, p](LlamaModel& m) {
+          PrefixedLog stage1(log, fmt::format("preprocess/{}/stage1/", arm.preprocessors[p].name));
+          quantize(m, &stage1);
+        };
         pc.calibration = &shared.calibration;
         pc.calibration_stream = &shared.streams.at(exp.calibration.text);
         pc.seed = exp.seed;
@@ -464,7 +483,7 @@ RunReport run_experiment(const Experiment& exp, const PluginRegistry& registry, 
       // The FP quality of the preprocessed model itself (PTQ1.61 Table 9), before stage 2.
       if (!comp.preprocessors.empty()) evaluate(model, "preprocessed:");
       const auto tq = Clock::now();
-      r.linears = quantize(model);
+      r.linears = quantize(model, &log);
       for (const auto& l : r.linears) r.total_bits += l.bits;
       monitor.step(arm.name, fmt::format("quantized {} linears with {} in {:.2f}s: {:.3f} bits/weight (paper), {:.3f} (all-in)",
                                          r.linears.size(), arm.quantizer.name, seconds_since(tq),

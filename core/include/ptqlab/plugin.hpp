@@ -25,7 +25,7 @@
 #include "ptqlab/model.hpp"
 #include "ptqlab/params.hpp"
 
-#define PTQLAB_PLUGIN_ABI_VERSION 2
+#define PTQLAB_PLUGIN_ABI_VERSION 3
 
 namespace ptqlab {
 
