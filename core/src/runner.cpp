@@ -465,7 +465,10 @@ RunReport run_experiment(const Experiment& exp, const PluginRegistry& registry, 
         pc.calibration_stream = &shared.streams.at(exp.calibration.text);
         pc.seed = exp.seed;
         pc.log = &log;
-        pc.status = [&](const std::string& what) { stage(what); };
+        pc.status = [&](const std::string& what) {
+          throw_if_stop_requested();  // a long preprocessing step (training) stops cleanly on SIGTERM too
+          stage(what);
+        };
         pc.note = [&](const std::string& line) { monitor.step(arm.name, line); };
         pc.cache_dir = options.cache_dir;
         pc.quantize_key = quantize_key(arm, p, stage1_material);
