@@ -120,9 +120,8 @@ MappedFile::~MappedFile() {
   if (data_ != nullptr) ::munmap(const_cast<std::byte*>(data_), size_);
 }
 
-SafetensorsFile::SafetensorsFile(const std::filesystem::path& path)
-    : file_(std::make_shared<MappedFile>(path)) {
-  const auto bytes = file_->bytes();
+SafetensorsHeader parse_safetensors(std::span<const std::byte> bytes, const std::filesystem::path& path) {
+  SafetensorsHeader out;
   if (bytes.size() < 8) fail(path, fmt::format("truncated: {} bytes, too short for a safetensors header", bytes.size()));
   const std::uint64_t header_len = read_le_u64(bytes.data());
   if (header_len == 0 || header_len > kMaxHeaderBytes)
@@ -130,13 +129,13 @@ SafetensorsFile::SafetensorsFile(const std::filesystem::path& path)
   if (header_len > bytes.size() - 8)
     fail(path, fmt::format("header length {} runs past the end of the file ({} bytes): truncated or corrupt", header_len,
                            bytes.size()));
-  data_start_ = 8 + static_cast<std::size_t>(header_len);
-  const std::size_t data_size = bytes.size() - data_start_;
+  out.data_start = 8 + static_cast<std::size_t>(header_len);
+  const std::size_t data_size = bytes.size() - out.data_start;
 
   json header;
   try {
     header = json::parse(reinterpret_cast<const char*>(bytes.data() + 8),
-                         reinterpret_cast<const char*>(bytes.data() + data_start_));
+                         reinterpret_cast<const char*>(bytes.data() + out.data_start));
   } catch (const json::parse_error& e) {
     fail(path, fmt::format("header is not valid JSON (byte {})", e.byte));
   }
@@ -149,7 +148,7 @@ SafetensorsFile::SafetensorsFile(const std::filesystem::path& path)
       if (!v.is_object()) fail(path, "'__metadata__' is not an object");
       for (auto m = v.begin(); m != v.end(); ++m) {
         if (!m.value().is_string()) fail(path, fmt::format("'__metadata__.{}' is not a string", m.key()));
-        metadata_[m.key()] = m.value().get<std::string>();
+        out.metadata[m.key()] = m.value().get<std::string>();
       }
       continue;
     }
@@ -186,22 +185,30 @@ SafetensorsFile::SafetensorsFile(const std::filesystem::path& path)
                              dtype_name(info.dtype), expected));
     info.begin = static_cast<std::size_t>(begin);
     info.end = static_cast<std::size_t>(end);
-    tensors_.push_back(std::move(info));
+    out.tensors.push_back(std::move(info));
   }
 
-  std::sort(tensors_.begin(), tensors_.end(), [](const TensorInfo& a, const TensorInfo& b) {
+  std::sort(out.tensors.begin(), out.tensors.end(), [](const TensorInfo& a, const TensorInfo& b) {
     return a.begin != b.begin ? a.begin < b.begin : a.end < b.end;
   });
   // Empty tensors cannot overlap anything, and are skipped so that one sorted between two
   // overlapping tensors cannot hide the overlap.
   const TensorInfo* prev = nullptr;  // the previous non-empty tensor
-  for (const auto& cur : tensors_) {
+  for (const auto& cur : out.tensors) {
     if (cur.end == cur.begin) continue;
     if (prev != nullptr && cur.begin < prev->end)
       fail(path, fmt::format("tensors '{}' and '{}' overlap (bytes [{}, {}) and [{}, {}))", prev->name, cur.name,
                              prev->begin, prev->end, cur.begin, cur.end));
     prev = &cur;
   }
+  return out;
+}
+
+SafetensorsFile::SafetensorsFile(const std::filesystem::path& path) : file_(std::make_shared<MappedFile>(path)) {
+  SafetensorsHeader header = parse_safetensors(file_->bytes(), path);
+  data_start_ = header.data_start;
+  tensors_ = std::move(header.tensors);
+  metadata_ = std::move(header.metadata);
   for (std::size_t i = 0; i < tensors_.size(); ++i) index_[tensors_[i].name] = i;
 }
 
@@ -214,8 +221,10 @@ std::span<const std::byte> SafetensorsFile::raw(const TensorInfo& info) const {
   return file_->bytes().subspan(data_start_ + info.begin, info.end - info.begin);
 }
 
-std::vector<float> SafetensorsFile::to_f32(const TensorInfo& info) const {
-  const auto src = raw(info);
+std::vector<float> SafetensorsFile::to_f32(const TensorInfo& info) const { return tensor_to_f32(raw(info), info, path()); }
+
+std::vector<float> tensor_to_f32(std::span<const std::byte> src, const TensorInfo& info,
+                                 const std::filesystem::path& source) {
   const std::size_t n = static_cast<std::size_t>(info.numel());
   std::vector<float> out(n);
   switch (info.dtype) {
@@ -235,7 +244,7 @@ std::vector<float> SafetensorsFile::to_f32(const TensorInfo& info) const {
   }
   for (std::size_t i = 0; i < n; ++i) {
     if (!std::isfinite(out[i]))
-      fail(path(), fmt::format("tensor '{}': non-finite value {} at flat index {}", info.name, out[i], i));
+      fail(source, fmt::format("tensor '{}': non-finite value {} at flat index {}", info.name, out[i], i));
   }
   return out;
 }

@@ -29,6 +29,20 @@ struct TensorInfo {
   std::int64_t numel() const;
 };
 
+// The parsed and validated header of a safetensors file image: where the data section starts, the
+// tensor table (sorted by begin offset) and the metadata. `source` names the file in errors.
+// Exposed so that the parser runs on bytes in memory (fuzzing, tests) exactly as on a mapped file.
+struct SafetensorsHeader {
+  std::size_t data_start = 0;
+  std::vector<TensorInfo> tensors;
+  std::map<std::string, std::string> metadata;
+};
+SafetensorsHeader parse_safetensors(std::span<const std::byte> bytes, const std::filesystem::path& source);
+// The tensor's values as float32 from its raw bytes (raw.size() == info.end - info.begin);
+// throws ptqlab::Error naming `source` and the tensor on NaN/Inf.
+std::vector<float> tensor_to_f32(std::span<const std::byte> raw, const TensorInfo& info,
+                                 const std::filesystem::path& source);
+
 // A read-only memory mapping of a whole file.
 class MappedFile {
  public:
