@@ -245,6 +245,13 @@ const std::vector<CorruptCase>& corrupt_cases() {
          test::write_raw_st(st_path(d), R"({"model.embed_tokens.weight": {"dtype": "F32", )", st.data);
          return Phrases{st_path(d).string(), "header is not valid JSON"};
        }},
+      {"HeaderNumberOverflow",  // found by fuzz_safetensors: used to escape as json::out_of_range
+       [](const fs::path& d) {
+         const auto st = test::read_st(st_path(d));
+         test::write_raw_st(st_path(d), R"({"model.norm.weight": {"dtype": "F32", "shape": [1e999], "data_offsets": [0, 4]}})",
+                            st.data);
+         return Phrases{st_path(d).string(), "header is not valid JSON (a number is out of range)"};
+       }},
       {"HeaderNotObject",
        [](const fs::path& d) {
          const auto st = test::read_st(st_path(d));
@@ -365,6 +372,11 @@ const std::vector<CorruptCase>& corrupt_cases() {
        [](const fs::path& d) {
          edit_config(d, [](json& j) { j.erase("hidden_size"); });
          return Phrases{cfg_path(d).string(), "key 'hidden_size': missing (required)"};
+       }},
+      {"ConfigNumberOverflow",  // found by fuzz_config: used to escape as json::out_of_range
+       [](const fs::path& d) {
+         test::write_bytes(cfg_path(d), R"({"model_type": "llama", "max_position_embeddings": 1e308512})");
+         return Phrases{cfg_path(d).string(), "not valid JSON (a number is out of range)"};
        }},
       {"ConfigWrongType",
        [](const fs::path& d) {
@@ -493,7 +505,8 @@ TEST_P(LoaderCli, ErrorIsOneLineOnStderrWithExitStatus2) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Cases, LoaderCli,
-                         ::testing::Values("TruncatedDataSection", "ConfigMissingKey", "NanWeight", "PickleOnly"),
+                         ::testing::Values("TruncatedDataSection", "ConfigMissingKey", "ConfigNumberOverflow", "NanWeight",
+                                           "PickleOnly"),
                          [](const ::testing::TestParamInfo<const char*>& info) { return std::string(info.param); });
 
 TEST(LoaderCliInfo, MissingModelArgumentExits2) {

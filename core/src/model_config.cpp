@@ -62,6 +62,9 @@ LlamaConfig parse_llama_config(const std::string& text, const std::string& sourc
     j = json::parse(text);
   } catch (const json::parse_error& e) {
     throw Error(fmt::format("{}: not valid JSON (byte {})", source, e.byte));
+  } catch (const json::exception&) {
+    // out_of_range 406: a number too large for a double ("1e999"). Bad input like any other.
+    throw Error(fmt::format("{}: not valid JSON (a number is out of range)", source));
   }
   if (!j.is_object()) throw Error(fmt::format("{}: not a JSON object", source));
   const Reader r{j, source};

@@ -138,6 +138,9 @@ SafetensorsHeader parse_safetensors(std::span<const std::byte> bytes, const std:
                          reinterpret_cast<const char*>(bytes.data() + out.data_start));
   } catch (const json::parse_error& e) {
     fail(path, fmt::format("header is not valid JSON (byte {})", e.byte));
+  } catch (const json::exception&) {
+    // out_of_range 406: a number too large for a double ("1e999").
+    fail(path, "header is not valid JSON (a number is out of range)");
   }
   if (!header.is_object()) fail(path, "header is not a JSON object");
 
@@ -262,6 +265,8 @@ Checkpoint::Checkpoint(const std::filesystem::path& dir) {
       index = json::parse(in);
     } catch (const json::parse_error& e) {
       fail(index_path, fmt::format("not valid JSON (byte {})", e.byte));
+    } catch (const json::exception&) {
+      fail(index_path, "not valid JSON (a number is out of range)");
     }
     if (!index.is_object() || !index.contains("weight_map") || !index["weight_map"].is_object())
       fail(index_path, "missing object 'weight_map'");
