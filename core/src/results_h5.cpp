@@ -715,10 +715,32 @@ std::vector<std::string> link_names(hid_t group, const std::string& group_name) 
   return names;
 }
 
+// A result file holds only hard links: a soft or external link could point outside the file (the
+// reader would open another file) or make the walk of /tensors cycle.
+void require_hard_link(hid_t loc, const std::string& name, const std::string& full_name) {
+  H5L_info_t info;
+  check(H5Lget_info(loc, name.c_str(), &info, H5P_DEFAULT), "inspecting the link " + full_name);
+  if (info.type != H5L_TYPE_HARD) throw Failure(full_name + " is a soft or external link");
+}
+
+// An object reachable by two hard links (the writer never makes one) would be read twice, and a
+// group linked below itself would make the walk endless.
+void require_single_link(hid_t obj, const std::string& full_name) {
+#if H5_VERSION_GE(1, 12, 0)
+  H5O_info2_t info;
+  check(H5Oget_info3(obj, &info, H5O_INFO_BASIC), "inspecting " + full_name);
+#else
+  H5O_info_t info;
+  check(H5Oget_info2(obj, &info, H5O_INFO_BASIC), "inspecting " + full_name);
+#endif
+  if (info.rc != 1) throw Failure(fmt::format("{} is linked {} times (hard links)", full_name, info.rc));
+}
+
 Id open_group(hid_t loc, const std::string& name, const std::string& full_name) {
   const htri_t e = H5Lexists(loc, name.c_str(), H5P_DEFAULT);
   if (e < 0) fail_h5("looking up " + full_name);
   if (e == 0) throw Failure("missing group " + full_name);
+  require_hard_link(loc, name, full_name);
   return Id(H5Gopen2(loc, name.c_str(), H5P_DEFAULT), H5Gclose, "opening group " + full_name);
 }
 
@@ -726,6 +748,7 @@ Id open_dataset(hid_t loc, const std::string& name, const std::string& full_name
   const htri_t e = H5Lexists(loc, name.c_str(), H5P_DEFAULT);
   if (e < 0) fail_h5("looking up " + full_name);
   if (e == 0) throw Failure("missing dataset " + full_name);
+  require_hard_link(loc, name, full_name);
   return Id(H5Dopen2(loc, name.c_str(), H5P_DEFAULT), H5Dclose, "opening dataset " + full_name);
 }
 
@@ -780,7 +803,9 @@ void visit_datasets(hid_t group, const std::string& group_name, const std::strin
                     const std::function<void(const std::string& rel, hid_t dataset, const std::string& full)>& fn) {
   for (const auto& name : link_names(group, group_name)) {
     const std::string full = group_name + "/" + name;
+    require_hard_link(group, name, full);
     Id obj(H5Oopen(group, name.c_str(), H5P_DEFAULT), H5Oclose, "opening " + full);
+    require_single_link(obj, full);
     const H5I_type_t type = H5Iget_type(obj);
     if (type == H5I_GROUP) {
       visit_datasets(obj, full, prefix + name + "/", fn);
