@@ -21,6 +21,7 @@
 #include <cstring>
 #include <deque>
 #include <functional>
+#include <limits>
 #include <mutex>
 #include <set>
 #include <stdexcept>
@@ -761,6 +762,25 @@ std::vector<hsize_t> dataset_dims(hid_t d, const std::string& what) {
   return dims;
 }
 
+// How many values a dataset holds, checked against the bytes actually stored for it before
+// anything is allocated: a dataspace far larger than its data (never written, or a forged shape of
+// 2^50 elements in a small file) is refused instead of exhausting memory. ptqlab writes every
+// dataset whole and uncompressed.
+std::size_t stored_elements(hid_t d, hid_t file_type, const std::vector<hsize_t>& dims, const std::string& what) {
+  hsize_t n = 1;
+  for (const hsize_t x : dims) {
+    if (x != 0 && n > std::numeric_limits<hsize_t>::max() / x) throw Failure(what + " has an impossible shape");
+    n *= x;
+  }
+  if (n == 0) return 0;
+  const hsize_t element = std::max<std::size_t>(1, H5Tget_size(file_type));  // variable-length: its heap reference
+  const hsize_t stored = H5Dget_storage_size(d);
+  if (n > stored / element) {
+    throw Failure(fmt::format("{} declares {} values but stores only {} bytes", what, n, stored));
+  }
+  return static_cast<std::size_t>(n);
+}
+
 template <class T>
 std::vector<T> read_numeric(hid_t d, const std::string& what, hid_t mem_type, H5T_class_t expected_class,
                             std::vector<hsize_t>* dims_out = nullptr) {
@@ -769,7 +789,7 @@ std::vector<T> read_numeric(hid_t d, const std::string& what, hid_t mem_type, H5
     throw Failure(fmt::format("{} is not {}", what, expected_class == H5T_FLOAT ? "floating-point" : "integer"));
   }
   const auto dims = dataset_dims(d, what);
-  std::vector<T> v(static_cast<std::size_t>(element_count(dims)));
+  std::vector<T> v(stored_elements(d, type, dims, what));
   if (!v.empty()) check(H5Dread(d, mem_type, H5S_ALL, H5S_ALL, H5P_DEFAULT, v.data()), "reading " + what);
   if (dims_out != nullptr) *dims_out = dims;
   return v;
@@ -794,7 +814,7 @@ std::vector<std::string> read_string_dataset(hid_t d, const std::string& what, s
   Id type(H5Dget_type(d), H5Tclose, "getting the type of " + what);
   Id space(H5Dget_space(d), H5Sclose, "getting the shape of " + what);
   dims = dataset_dims(d, what);
-  return read_strings(type, space, static_cast<std::size_t>(element_count(dims)), what,
+  return read_strings(type, space, stored_elements(d, type, dims, what), what,
                       [&](hid_t mem, void* buf) { return H5Dread(d, mem, H5S_ALL, H5S_ALL, H5P_DEFAULT, buf); });
 }
 
