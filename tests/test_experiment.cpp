@@ -1527,6 +1527,18 @@ arms:
                9, 13, "sweep axis 'quantizer.bits' appears in both grid and zip");
 }
 
+// Nested aliases ("billion laughs": 10^9 nodes from ten short lines) are walked once each: the
+// structure check used to follow every alias and never finished.
+TEST_F(Experiments, NestedAliasesAreCheckedOnce) {
+  std::string text = "a0: &a0 [x, x, x, x, x, x, x, x, x, x]\n";
+  for (int i = 1; i < 9; ++i) {
+    text += fmt::format("a{}: &a{} [", i, i);
+    for (int k = 0; k < 10; ++k) text += fmt::format("{}*a{}", k ? ", " : "", i - 1);
+    text += "]\n";
+  }
+  expect_error(text + "model: {MODEL}\n", 1, 1, "unknown key 'a0'");
+}
+
 TEST_F(Experiments, ErrorSweepWithoutAxes) {
   expect_error(R"(model: {MODEL}
 calibration:

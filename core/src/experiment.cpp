@@ -137,11 +137,14 @@ class Doc {
 };
 
 // Reads and parses the file; the root must be a map. Duplicate keys (which yaml-cpp keeps
-// silently) and non-scalar keys are rejected anywhere in the tree.
-void check_structure(const Doc& doc, const YAML::Node& node, int depth) {
+// silently) and non-scalar keys are rejected anywhere in the tree. A node reached again through a
+// YAML alias is checked once (`visited`: collections by their position in the text), so that nested
+// aliases ("billion laughs") cannot make the walk exponential.
+void check_structure(const Doc& doc, const YAML::Node& node, int depth, std::set<int>& visited) {
   if (depth > kMaxDepth) doc.fail(node.Mark(), fmt::format("nesting deeper than {} levels", kMaxDepth));
+  if ((node.IsSequence() || node.IsMap()) && !visited.insert(node.Mark().pos).second) return;
   if (node.IsSequence()) {
-    for (const auto& child : node) check_structure(doc, child, depth + 1);
+    for (const auto& child : node) check_structure(doc, child, depth + 1, visited);
   } else if (node.IsMap()) {
     std::map<std::string, YAML::Mark> seen;
     for (auto it = node.begin(); it != node.end(); ++it) {
@@ -150,7 +153,7 @@ void check_structure(const Doc& doc, const YAML::Node& node, int depth) {
       auto [pos, inserted] = seen.emplace(key.Scalar(), key.Mark());
       if (!inserted)
         doc.fail(key.Mark(), fmt::format("duplicate key '{}' (first at line {})", key.Scalar(), pos->second.line + 1));
-      check_structure(doc, it->second, depth + 1);
+      check_structure(doc, it->second, depth + 1, visited);
     }
   }
 }
@@ -172,7 +175,8 @@ YAML::Node load_root(const Doc& doc, const fs::path& file, const std::string& sh
   if (!root.IsDefined() || root.IsNull())
     doc.fail(YAML::Mark(), "empty experiment file (expected a map with at least 'model', 'calibration' and 'arms')");
   if (!root.IsMap()) doc.fail(root.Mark(), fmt::format("an experiment must be a map of keys, got {}", describe(root)));
-  check_structure(doc, root, 0);
+  std::set<int> visited;
+  check_structure(doc, root, 0, visited);
   return root;
 }
 
