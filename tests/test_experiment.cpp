@@ -1527,6 +1527,26 @@ arms:
                9, 13, "sweep axis 'quantizer.bits' appears in both grid and zip");
 }
 
+// Found by reasoning alongside fuzz_experiment: 16 x 2 x 320 values in three short lists used to
+// expand into 10240 arms (and bigger grids into millions, exhausting memory before any check).
+TEST_F(Experiments, ErrorSweepWithTooManyArms) {
+  std::string sizes;
+  for (int g = 1; g <= 320; ++g) sizes += (g > 1 ? ", " : "") + std::to_string(g);
+  expect_error(R"(model: {MODEL}
+calibration:
+  text: {CALIB}
+arms:
+  - name: a
+    quantizer: rtn
+    sweep:
+      grid:
+        quantizer.bits: [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16]
+        quantizer.symmetric: [true, false]
+        quantizer.group_size: [)" + sizes + R"(]
+)",
+               8, 7, "sweep makes more than 10000 arms");
+}
+
 // Nested aliases ("billion laughs": 10^9 nodes from ten short lines) are walked once each: the
 // structure check used to follow every alias and never finished.
 TEST_F(Experiments, NestedAliasesAreCheckedOnce) {

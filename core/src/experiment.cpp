@@ -30,6 +30,9 @@ namespace fs = std::filesystem;
 constexpr std::size_t kMaxNameLength = 100;
 constexpr int kMaxDepth = 64;
 constexpr std::int64_t kMaxNsamples = 1000000;
+// Sweeps multiply: a few short lists (or YAML aliases) could otherwise ask for millions of arms and
+// exhaust memory before anything runs. Far above any real study.
+constexpr std::size_t kMaxArms = 10000;
 
 // ---------------------------------------------------------------------------------------------
 // Small helpers.
@@ -755,6 +758,15 @@ void read_sweep(const Doc& doc, const Entry& e, ArmDraft& arm) {
   if (const Entry* z = sweep.get("zip")) read_axes(doc, *z, true, arm);
   if (const Entry* b = sweep.get("budget")) read_budget(doc, *b, arm);
   if (arm.axes.empty() && !arm.budget) doc.fail(sweep.mark(), "sweep has no axes (give grid, zip and/or budget)");
+  std::size_t arms = arm.budget ? arm.budget->targets.size() : 1;  // times grid sizes and the zip length (capped)
+  bool zip_counted = false;
+  for (const auto& axis : arm.axes) {
+    if (axis.zip && zip_counted) continue;
+    zip_counted = zip_counted || axis.zip;
+    arms = std::min(arms * axis.values.size(), kMaxArms + 1);
+  }
+  if (arms > kMaxArms)
+    doc.fail(sweep.mark(), fmt::format("sweep makes more than {} arms (an experiment has at most {})", kMaxArms, kMaxArms));
 }
 
 // Every combination: grid axes as a row-major cartesian product (first axis slowest), each
@@ -1206,6 +1218,8 @@ Experiment load_experiment(const fs::path& yaml_file, const SchemaSource& schema
                                               pos->second));
       x.arms.push_back(std::move(arm));
     }
+    if (x.arms.size() > kMaxArms)
+      doc.fail(draft.name_mark, fmt::format("the experiment has more than {} arms", kMaxArms));
   }
   for (auto& arm : x.arms) {
     arm.resolved_yaml = resolved_yaml(x, arm);
