@@ -18,7 +18,9 @@ std::vector<LinearShape> linear_shapes(const LlamaConfig& c) {
   const std::vector<std::pair<std::int64_t, std::int64_t>> per_layer = {{q, h}, {kv, h}, {kv, h}, {h, q},
                                                                         {ff, h}, {ff, h}, {h, ff}};
   std::vector<LinearShape> out;
-  for (const auto& [rows, cols] : per_layer) {
+  for (const auto& shape : per_layer) {
+    // Not a structured binding: clang before 16 (the fuzz build) cannot capture one in a lambda.
+    const std::int64_t rows = shape.first, cols = shape.second;
     auto it = std::find_if(out.begin(), out.end(), [&](const LinearShape& s) { return s.rows == rows && s.cols == cols; });
     if (it == out.end()) it = out.insert(out.end(), LinearShape{rows, cols, 0});
     it->count += c.num_layers;
