@@ -285,6 +285,18 @@ TEST(BitBudget, GridTimesBudgetNamesAndMaskParameter) {
   EXPECT_GT(std::get<double>(x.arms[0].budget->value), std::get<double>(x.arms[1].budget->value));
 }
 
+// The example experiment loads and picks what docs/experiments.md says.
+TEST(BitBudget, ExampleExperimentPicks) {
+  const auto x = load_experiment(fs::path(PTQLAB_TEST_DATA) / "../../experiments/budget_sweep.yaml", registry());
+  std::map<std::string, double> picked;
+  for (const auto& a : x.arms)
+    if (a.budget) picked[a.name] = std::get<double>(a.budget->value);
+  const std::map<std::string, double> expected = {{"ptq161-budget1.8", 0.0},   {"ptq161-budget2", 0.0},
+                                                  {"ptq161-budget2.5", 0.14},  {"pbllm-budget1.8", 1.0},
+                                                  {"pbllm-budget2", 0.988},    {"pbllm-budget2.5", 0.953}};
+  EXPECT_EQ(picked, expected);
+}
+
 // A real run: the measured ledger equals the prediction, and the run table and report show the
 // target beside the achieved bits.
 TEST(BitBudget, MeasuredBitsEqualPredictionOnARealRun) {
