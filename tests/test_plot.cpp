@@ -184,7 +184,7 @@ TEST(Plot, WritesValidPngSvgPdfDataAndScript) {
   o.x = "paper";
   make_plots({dir.path() / "results"}, o);
   const auto paper = slurp(o.out / "stories260K-tinystories.dat");
-  EXPECT_NE(paper.find("bits per weight (paper convention)"), std::string::npos);
+  EXPECT_NE(paper.find("bits per weight (paper convention, log scale)"), std::string::npos);
   EXPECT_NE(paper.find("\n2\t42\t"), std::string::npos) << paper;
 }
 

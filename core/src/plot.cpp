@@ -5,6 +5,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cctype>
 #include <cerrno>
 #include <cmath>
 #include <cstdlib>
@@ -230,7 +231,8 @@ std::vector<PlotOutput> make_plots(const std::vector<std::filesystem::path>& inp
     const auto front = pareto_front(points);
 
     const std::string metric_title = evaluator == "perplexity" && o.metric == "ppl" ? "perplexity" : column + " " + o.metric;
-    const std::string x_title = fmt::format("bits per weight ({})", o.x == "paper" ? "paper convention" : "all-in");
+    const std::string x_title =
+        fmt::format("bits per weight ({}, log scale)", o.x == "paper" ? "paper convention" : "all-in");
     std::string dat = fmt::format("# ptqlab plot: {} {} ({}) vs {}\n", model, dataset, metric_title, x_title);
     for (const auto& n : out.notes) dat += "# not plotted (non-finite): " + n + "\n";
     dat += "# block 0: one point per method (mean over runs; low/high = mean -/+ sample std, clamped above 0)\n";
@@ -252,9 +254,12 @@ std::vector<PlotOutput> make_plots(const std::vector<std::filesystem::path>& inp
         "set xlabel {}\n"
         "set ylabel {}\n"
         "set logscale y\n"
-        "set grid\n"
+        "# log2 bits: 1, 2, 4, 8, 16 evenly spaced, so the sub-4-bit methods are not squeezed by FP16\n"
+        "set logscale x 2\n"
+        "set mxtics 4\n"
+        "set grid xtics mxtics ytics\n"
         "set key top right box opaque\n"
-        "set offsets graph 0.04, graph 0.12, 0, 0\n",
+        "set offsets graph 0.03, graph 0.1, 0, 0\n",
         out.stem, gp_quote(fmt::format("{}: {}", model, dataset)), gp_quote(x_title),
         gp_quote(metric_title + " (log scale)"));
     if (!out.notes.empty())
