@@ -163,7 +163,7 @@ TEST(Plot, WritesValidPngSvgPdfDataAndScript) {
   // gptq-w2, gptq-w3, fp by bits, and gptq-w2 carries its two runs and their std.
   const auto dat = slurp(o.out / "stories260K-tinystories.dat");
   EXPECT_NE(dat.find("2.238\t42\t"), std::string::npos) << dat;
-  EXPECT_NE(dat.find("\t2.8284271247461903\t2\tgptq-w2\n"), std::string::npos) << dat;
+  EXPECT_NE(dat.find("\t2.8284271247461903\t2\tgptq-w2\t"), std::string::npos) << dat;
   const auto front = dat.substr(dat.find("# block 1"));
   EXPECT_NE(front.find("2.238\t42\tgptq-w2\n3.2519999999999998\t9.5\tgptq-w3\n16\t5.2872000000000003\tfp\n"),
             std::string::npos)

@@ -11,6 +11,7 @@
 #include <cstdlib>
 #include <fstream>
 #include <map>
+#include <optional>
 #include <set>
 
 #include <fmt/format.h>
@@ -142,6 +143,62 @@ Terminal terminal_of(const std::string& format) {
   return {"pdf", "pdfcairo size 7in,4.9in font \"sans,9\" noenhanced"};
 }
 
+// The plot's axis ranges, fixed in the script (log2 bits, log10 value) so that label placement
+// knows where everything lands.
+struct Frame {
+  double x0 = 0, x1 = 1, y0 = 0, y1 = 1;
+  double nx(double bits) const { return (std::log2(bits) - x0) / (x1 - x0); }
+  double ny(double value) const { return (std::log10(value) - y0) / (y1 - y0); }
+};
+
+Frame frame_of(const std::vector<double>& bits, const std::vector<double>& lows, const std::vector<double>& highs) {
+  Frame f;
+  double xl = INFINITY, xh = -INFINITY, yl = INFINITY, yh = -INFINITY;
+  for (double b : bits) xl = std::min(xl, std::log2(b)), xh = std::max(xh, std::log2(b));
+  for (double v : lows) yl = std::min(yl, std::log10(v));
+  for (double v : highs) yh = std::max(yh, std::log10(v));
+  const double xs = std::max(xh - xl, 1.0);
+  f.x0 = xl - 0.05 * xs;
+  f.x1 = xh + 0.2 * xs;  // room for the labels of the right-most points
+  f.y0 = std::floor(yl - 0.05);
+  f.y1 = std::ceil(yh + 0.25 * std::max(yh - yl, 0.5));  // room for the key above the points
+  return f;
+}
+
+// Label positions (normalized plot coordinates of each label's left edge and vertical centre)
+// that avoid the other labels, the points, the key (top right) and the note (bottom left):
+// candidates right/left of the point, then further up or down, the first free one wins.
+std::vector<std::pair<double, double>> place_labels(const std::vector<std::pair<double, double>>& pts,
+                                                    const std::vector<std::string>& labels, bool note) {
+  struct Box {
+    double x0, x1, y0, y1;
+    bool hits(const Box& o) const { return x0 < o.x1 && o.x0 < x1 && y0 < o.y1 && o.y0 < y1; }
+  };
+  const double cw = 7.0 / 860, ch = 14.0 / 580, gap = 0.012;  // ~ a 9 pt character in a 1000x700 image
+  std::vector<Box> taken = {{0.66, 1.0, 0.88, 1.0}};          // the key
+  if (note) taken.push_back({0.0, 0.8, 0.0, 0.06});
+  for (const auto& [x, y] : pts) taken.push_back({x - 0.01, x + 0.01, y - 0.015, y + 0.015});
+  std::vector<std::pair<double, double>> out;
+  for (std::size_t i = 0; i < pts.size(); ++i) {
+    const auto [x, y] = pts[i];
+    const double w = cw * static_cast<double>(labels[i].size());
+    std::optional<Box> chosen;
+    for (double dy : {0.6, -0.6, 1.6, -1.6, 2.6, -2.6, 3.6, -3.6})
+      for (bool right : {true, false}) {
+        const double left = right ? x + gap : x - gap - w, mid = y + dy * ch;
+        const Box b{left, left + w, mid - ch / 2, mid + ch / 2};
+        if (chosen || b.x0 < 0 || b.x1 > 1 || b.y0 < 0 || b.y1 > 1) continue;
+        bool free = true;
+        for (const auto& t : taken) free = free && !b.hits(t);
+        if (free) chosen = b;
+      }
+    if (!chosen) chosen = Box{x + gap, x + gap + w, y + 0.6 * ch - ch / 2, y + 0.6 * ch + ch / 2};
+    taken.push_back(*chosen);
+    out.push_back({chosen->x0, (chosen->y0 + chosen->y1) / 2});
+  }
+  return out;
+}
+
 void write_file(const std::filesystem::path& path, const std::string& text) {
   std::ofstream f(path);
   f << text;
@@ -236,12 +293,31 @@ std::vector<PlotOutput> make_plots(const std::vector<std::filesystem::path>& inp
     std::string dat = fmt::format("# ptqlab plot: {} {} ({}) vs {}\n", model, dataset, metric_title, x_title);
     for (const auto& n : out.notes) dat += "# not plotted (non-finite): " + n + "\n";
     dat += "# block 0: one point per method (mean over runs; low/high = mean -/+ sample std, clamped above 0)\n";
-    dat += "# bits\tvalue\tlow\thigh\tstd\truns\tmethod\n";
+    dat += "# label_bits/label_value: where the label's left edge goes (placed to avoid overlaps)\n";
+    dat += "# bits\tvalue\tlow\thigh\tstd\truns\tmethod\tlabel_bits\tlabel_value\n";
+    std::vector<double> xs, lows, highs, sds;
     for (std::size_t i : by_bits) {
+      const double sd = std_of(plotted[i]->values), v = points[i].value;
+      xs.push_back(points[i].bits);
+      sds.push_back(sd);
+      lows.push_back(std::max(v - sd, v * 1e-3));
+      highs.push_back(v + sd);
+    }
+    const Frame frame = frame_of(xs, lows, highs);
+    std::vector<std::pair<double, double>> normalized;
+    std::vector<std::string> labels;
+    for (std::size_t i : by_bits) {
+      normalized.push_back({frame.nx(points[i].bits), frame.ny(points[i].value)});
+      labels.push_back(plotted[i]->method);
+    }
+    const auto label_at = place_labels(normalized, labels, !out.notes.empty());
+    for (std::size_t k = 0; k < by_bits.size(); ++k) {
+      const std::size_t i = by_bits[k];
       const auto& m = *plotted[i];
-      const double sd = std_of(m.values), v = points[i].value;
-      dat += fmt::format("{}\t{}\t{}\t{}\t{}\t{}\t{}\n", num(points[i].bits), num(v), num(std::max(v - sd, v * 1e-3)),
-                         num(v + sd), num(sd), m.values.size(), m.method);
+      const double lx = std::exp2(frame.x0 + label_at[k].first * (frame.x1 - frame.x0));
+      const double ly = std::pow(10.0, frame.y0 + label_at[k].second * (frame.y1 - frame.y0));
+      dat += fmt::format("{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\n", num(points[i].bits), num(points[i].value), num(lows[k]),
+                         num(highs[k]), num(sds[k]), m.values.size(), m.method, num(lx), num(ly));
     }
     dat += "\n\n# block 1: the Pareto front (lowest value for given bits), by bits\n# bits\tvalue\tmethod\n";
     for (std::size_t i : front) dat += fmt::format("{}\t{}\t{}\n", num(points[i].bits), num(points[i].value), plotted[i]->method);
@@ -259,15 +335,17 @@ std::vector<PlotOutput> make_plots(const std::vector<std::filesystem::path>& inp
         "set mxtics 4\n"
         "set grid xtics mxtics ytics\n"
         "set key top right box opaque\n"
-        "set offsets graph 0.03, graph 0.1, 0, 0\n",
+        "set xrange [{}:{}]\n"
+        "set yrange [{}:{}]\n",
         out.stem, gp_quote(fmt::format("{}: {}", model, dataset)), gp_quote(x_title),
-        gp_quote(metric_title + " (log scale)"));
+        gp_quote(metric_title + " (log scale)"), num(std::exp2(frame.x0)), num(std::exp2(frame.x1)),
+        num(std::pow(10.0, frame.y0)), num(std::pow(10.0, frame.y1)));
     if (!out.notes.empty())
       gp += fmt::format("set label 1 {} at graph 0.01, graph 0.03 left noenhanced font \",9\"\n",
                         gp_quote("not plotted (NaN/inf): " + fmt::format("{}", fmt::join(out.notes, ", "))));
     const std::string plot_cmd = fmt::format(
         "plot {0} index 0 using 1:2:3:4 with yerrorbars pt 7 ps 1.3 lc rgb \"#1f77b4\" title \"method (mean, ±1 std)\", \\\n"
-        "     {0} index 0 using 1:2:7 with labels left offset 0.9,0.6 font \",9\" noenhanced notitle, \\\n"
+        "     {0} index 0 using 8:9:7 with labels left font \",9\" noenhanced notitle, \\\n"
         "     {0} index 1 using 1:2 with linespoints lw 2 pt 6 ps 2.4 lc rgb \"#d62728\" title \"Pareto front\"\n",
         gp_quote(dat_name));
     for (std::size_t i = 0; i < o.formats.size(); ++i) {
