@@ -5,7 +5,7 @@
 // input is written to x.yaml in a scratch directory that also holds what a valid experiment names:
 // model/config.json (stories260K's), calib.txt, valid.txt, wiki.raw and an empty plugins/ dir
 // (scripts/fuzz rewrites the shipped experiments' paths to these names for the seed corpus).
-// Component schemas are a fixed copy of the real plugins' main parameters, so that the target
+// Component schemas are a fixed copy (a SchemaList) of the real plugins' main parameters, so that the target
 // needs no plugin libraries.
 #include <unistd.h>
 
@@ -39,60 +39,39 @@ ParamSpec param(std::string name, ParamType type, ParamValue def, std::optional<
   return p;
 }
 
-class Schemas final : public SchemaSource {
- public:
-  Schemas() {
-    using T = ParamType;
-    const auto I = [](std::int64_t v) { return ParamValue(v); };
-    add(ComponentKind::quantizer, "fp", {});
-    add(ComponentKind::quantizer, "rtn",
-        {param("bits", T::integer, I(4), 1, 16), param("group_size", T::integer, I(-1), -1, 1048576),
-         param("symmetric", T::boolean, false)});
-    add(ComponentKind::quantizer, "gptq",
-        {param("bits", T::integer, I(4), 1, 16), param("group_size", T::integer, I(-1), -1, 1048576),
-         param("act_order", T::boolean, false), param("percdamp", T::real, 0.01, 0, 10)});
-    add(ComponentKind::quantizer, "pbllm",
-        {param("low_frac", T::real, 0.9, 0, 1), param("high_bits", T::integer, I(8), 2, 16),
-         param("salient_metric", T::string, std::string("hessian"), std::nullopt, std::nullopt, {"hessian", "magnitude"})});
-    add(ComponentKind::quantizer, "billm",
-        {param("mode", T::string, std::string("faithful"), std::nullopt, std::nullopt, {"faithful", "paper"}),
-         param("block_size", T::integer, I(128), 1, 1048576), param("split_min", T::real, 0.1, 0, 1)});
-    add(ComponentKind::quantizer, "ptq161",
-        {param("use_mask", T::boolean, true), param("ratio", T::real, 0.2, 0, 1), param("learn_scales", T::boolean, true),
-         param("epochs", T::integer, I(20), 0, 10000), param("lr_s", T::real, 5e-4, 0, 1), param("nlc", T::boolean, true)});
-    add(ComponentKind::quantizer, "sign", {param("center", T::boolean, false)});
-    add(ComponentKind::mask, "magnitude", {param("ratio", T::real, 0.1, 0, 1)});
-    add(ComponentKind::mask, "activation-channels",
-        {param("ratio", T::real, 0.2, 0, 1),
-         param("statistic", T::string, std::string("max"), std::nullopt, std::nullopt, {"max", "mean"})});
-    add(ComponentKind::preprocessor, "lora",
-        {param("rank", T::integer, I(8), 1, 4096), param("alpha", T::real, 16.0, 0, std::nullopt),
-         param("tag", T::string, std::string(""))});
-    add(ComponentKind::evaluator, "perplexity",
-        {param("seq_len", T::integer, I(0), 0, 1048576), param("max_windows", T::integer, I(0), 0, std::nullopt)});
-  }
-  const ComponentSchema* find(ComponentKind kind, const std::string& name) const override {
-    for (const auto& s : schemas_)
-      if (s.kind == kind && s.name == name) return &s;
-    return nullptr;
-  }
-  std::vector<std::string> names(ComponentKind kind) const override {
-    std::vector<std::string> out;
-    for (const auto& s : schemas_)
-      if (s.kind == kind) out.push_back(s.name);
-    return out;
-  }
-
- private:
-  void add(ComponentKind kind, std::string name, std::vector<ParamSpec> params) {
-    ComponentSchema s;
-    s.kind = kind;
-    s.name = std::move(name);
-    s.params = std::move(params);
-    schemas_.push_back(std::move(s));
-  }
-  std::vector<ComponentSchema> schemas_;
-};
+// The real plugins' main parameters.
+SchemaList make_schemas() {
+  SchemaList s;
+  using T = ParamType;
+  const auto I = [](std::int64_t v) { return ParamValue(v); };
+  s.add(ComponentKind::quantizer, "fp", {});
+  s.add(ComponentKind::quantizer, "rtn",
+      {param("bits", T::integer, I(4), 1, 16), param("group_size", T::integer, I(-1), -1, 1048576),
+       param("symmetric", T::boolean, false)});
+  s.add(ComponentKind::quantizer, "gptq",
+      {param("bits", T::integer, I(4), 1, 16), param("group_size", T::integer, I(-1), -1, 1048576),
+       param("act_order", T::boolean, false), param("percdamp", T::real, 0.01, 0, 10)});
+  s.add(ComponentKind::quantizer, "pbllm",
+      {param("low_frac", T::real, 0.9, 0, 1), param("high_bits", T::integer, I(8), 2, 16),
+       param("salient_metric", T::string, std::string("hessian"), std::nullopt, std::nullopt, {"hessian", "magnitude"})});
+  s.add(ComponentKind::quantizer, "billm",
+      {param("mode", T::string, std::string("faithful"), std::nullopt, std::nullopt, {"faithful", "paper"}),
+       param("block_size", T::integer, I(128), 1, 1048576), param("split_min", T::real, 0.1, 0, 1)});
+  s.add(ComponentKind::quantizer, "ptq161",
+      {param("use_mask", T::boolean, true), param("ratio", T::real, 0.2, 0, 1), param("learn_scales", T::boolean, true),
+       param("epochs", T::integer, I(20), 0, 10000), param("lr_s", T::real, 5e-4, 0, 1), param("nlc", T::boolean, true)});
+  s.add(ComponentKind::quantizer, "sign", {param("center", T::boolean, false)});
+  s.add(ComponentKind::mask, "magnitude", {param("ratio", T::real, 0.1, 0, 1)});
+  s.add(ComponentKind::mask, "activation-channels",
+      {param("ratio", T::real, 0.2, 0, 1),
+       param("statistic", T::string, std::string("max"), std::nullopt, std::nullopt, {"max", "mean"})});
+  s.add(ComponentKind::preprocessor, "lora",
+      {param("rank", T::integer, I(8), 1, 4096), param("alpha", T::real, 16.0, 0, std::nullopt),
+       param("tag", T::string, std::string(""))});
+  s.add(ComponentKind::evaluator, "perplexity",
+      {param("seq_len", T::integer, I(0), 0, 1048576), param("max_windows", T::integer, I(0), 0, std::nullopt)});
+  return s;
+}
 
 constexpr const char* kConfig = R"({"architectures": ["LlamaForCausalLM"], "model_type": "llama",
  "hidden_size": 64, "intermediate_size": 172, "num_hidden_layers": 5, "num_attention_heads": 8,
@@ -126,7 +105,7 @@ bool valid_arm_name(const std::string& s) {
 }  // namespace
 
 PTQLAB_FUZZ_TARGET(experiment) {
-  static const Schemas schemas;
+  static const SchemaList schemas = make_schemas();
   const fs::path file = scratch() / "x.yaml";
   {
     std::ofstream out(file, std::ios::binary | std::ios::trunc);

@@ -56,41 +56,19 @@ ParamSpec string_param(std::string name, std::string def, std::vector<std::strin
   return p;
 }
 
-class FakeSchemas final : public SchemaSource {
- public:
-  FakeSchemas() {
-    add(ComponentKind::quantizer, "fp", {});
-    add(ComponentKind::quantizer, "rtn",
+SchemaList fake_schemas() {
+  SchemaList s;
+  s.add(ComponentKind::quantizer, "fp", {});
+  s.add(ComponentKind::quantizer, "rtn",
         {int_param("bits", 4, 1, 16), int_param("group_size", -1, -1, 65536), bool_param("symmetric", false)});
-    add(ComponentKind::mask, "magnitude", {real_param("ratio", 0.1, 0, 1)});
-    add(ComponentKind::evaluator, "perplexity",
+  s.add(ComponentKind::mask, "magnitude", {real_param("ratio", 0.1, 0, 1)});
+  s.add(ComponentKind::evaluator, "perplexity",
         {int_param("seq_len", 0, 0, 1048576), int_param("max_windows", 0, 0, std::nullopt)});
-    add(ComponentKind::preprocessor, "smooth",
+  s.add(ComponentKind::preprocessor, "smooth",
         {real_param("alpha", 0.5, 0, 1), int_param("bits", 8, 2, 16), string_param("mode", "channel", {"channel", "tensor"}),
          string_param("tag", "")});
-  }
-  const ComponentSchema* find(ComponentKind kind, const std::string& name) const override {
-    for (const auto& s : schemas_)
-      if (s.kind == kind && s.name == name) return &s;
-    return nullptr;
-  }
-  std::vector<std::string> names(ComponentKind kind) const override {
-    std::vector<std::string> out;
-    for (const auto& s : schemas_)
-      if (s.kind == kind) out.push_back(s.name);
-    return out;
-  }
-
- private:
-  void add(ComponentKind kind, std::string name, std::vector<ParamSpec> params) {
-    ComponentSchema s;
-    s.kind = kind;
-    s.name = std::move(name);
-    s.params = std::move(params);
-    schemas_.push_back(std::move(s));
-  }
-  std::vector<ComponentSchema> schemas_;
-};
+  return s;
+}
 
 // ---------------------------------------------------------------------------------------------
 // Fixture: experiment files in a temporary directory. {MODEL}, {CALIB}, {VALID} and {WIKI} in the
@@ -104,7 +82,7 @@ void replace_all(std::string& s, const std::string& from, const std::string& to)
 class Experiments : public ::testing::Test {
  protected:
   test::TempDir tmp;
-  FakeSchemas schemas;
+  SchemaList schemas = fake_schemas();
 
   static fs::path model() { return test::model_dir("stories260K"); }
   static fs::path calib() { return test::data_file("tinystories/calib.txt"); }

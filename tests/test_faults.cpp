@@ -32,45 +32,10 @@ namespace fs = std::filesystem;
 // Four arms on the real stories260K (5 decoder layers, 7 linears each): fp, rtn at 4 and 2 bits
 // from a sweep, sign. Small enough for seconds per arm.
 std::string experiment_yaml() {
-  return "name: fault-test\n"
-         "model: " + test::model_dir("stories260K").string() + "\n"
-         "seed: 3\n"
-         "calibration:\n"
-         "  text: " + test::data_file("tinystories/calib.txt").string() + "\n"
-         "  nsamples: 8\n"
-         "  seq_len: 128\n"
-         "eval:\n"
-         "  - evaluator: perplexity\n"
-         "    params: {seq_len: 256, max_windows: 3}\n"
-         "    datasets:\n"
-         "      tinystories: " + test::data_file("tinystories/valid.txt").string() + "\n"
-         "arms:\n"
-         "  - name: fp\n"
-         "    quantizer: fp\n"
-         "  - name: rtn\n"
-         "    quantizer: {name: rtn, params: {group_size: 32}}\n"
-         "    sweep:\n"
-         "      grid:\n"
-         "        quantizer.bits: [4, 2]\n"
-         "  - name: sign\n"
-         "    quantizer: sign\n";
-}
-
-std::string read_bytes(const fs::path& p) {
-  std::ifstream in(p, std::ios::binary);
-  return std::string(std::istreambuf_iterator<char>(in), {});
-}
-
-test::CommandResult shell(const std::string& cmd) {
-  test::CommandResult r;
-  FILE* pipe = ::popen((cmd + " 2>&1").c_str(), "r");
-  if (pipe == nullptr) return r;
-  char buf[4096];
-  std::size_t n;
-  while ((n = std::fread(buf, 1, sizeof buf, pipe)) > 0) r.output.append(buf, n);
-  const int status = ::pclose(pipe);
-  r.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-  return r;
+  test::SmallExperiment e;
+  e.name = "fault-test";
+  e.seed = 3;
+  return e.yaml();
 }
 
 struct Workspace {
@@ -109,7 +74,7 @@ struct Workspace {
       ASSERT_NO_THROW(r = read_arm_result(file));
       EXPECT_EQ(r.config_hash, hashes.at(arm));
       EXPECT_EQ(r.status, "ok");
-      const auto dump = shell("h5dump -A '" + file.string() + "'");
+      const auto dump = test::run_shell("h5dump -A '" + file.string() + "'");
       EXPECT_EQ(dump.exit_code, 0) << dump.output;
       EXPECT_NE(dump.output.find(hashes.at(arm)), std::string::npos) << dump.output;
     }
@@ -174,7 +139,7 @@ TEST_P(KillAndResume, RerunCompletesEveryArmOnceAndKeepsFinishedFiles) {
   if (c.leaves_temp) EXPECT_EQ(temps, 1);
   else EXPECT_EQ(temps, 0);
   std::map<std::string, std::string> before;
-  for (const auto& arm : done) before[arm] = read_bytes(s.out / (arm + ".h5"));
+  for (const auto& arm : done) before[arm] = test::read_file(s.out / (arm + ".h5"));
 
   // The same command again finishes the rest.
   const auto r = test::run_ptqlab(s.run_args() + std::to_string(c.jobs));
@@ -189,7 +154,7 @@ TEST_P(KillAndResume, RerunCompletesEveryArmOnceAndKeepsFinishedFiles) {
     if (std::regex_search(r.output, m, row)) EXPECT_EQ(m[1] == "cached", done.count(arm) == 1) << arm << "\n" << r.output;
   }
   s.expect_valid(s.out);
-  for (const auto& [arm, bytes] : before) EXPECT_EQ(read_bytes(s.out / (arm + ".h5")), bytes) << arm << " was rewritten";
+  for (const auto& [arm, bytes] : before) EXPECT_EQ(test::read_file(s.out / (arm + ".h5")), bytes) << arm << " was rewritten";
 }
 
 INSTANTIATE_TEST_SUITE_P(
@@ -211,7 +176,7 @@ INSTANTIATE_TEST_SUITE_P(
 // (or with a malformed one) nothing happens.
 TEST(FaultInjection, MalformedSettingIsIgnored) {
   Workspace s;
-  const auto r = shell("PTQLAB_FAULT=quantizer '" + std::string(PTQLAB_BINARY) + "' " + s.run_args() + "1 --arms fp");
+  const auto r = test::run_shell("PTQLAB_FAULT=quantizer '" + std::string(PTQLAB_BINARY) + "' " + s.run_args() + "1 --arms fp");
   EXPECT_EQ(r.exit_code, 0) << r.output;
   EXPECT_EQ(s.finished(s.out), std::set<std::string>{"fp"});
 }
@@ -224,12 +189,12 @@ TEST(DiskFull, FileSizeLimitDuringARun) {
   Workspace s;
   const auto first = test::run_ptqlab(s.run_args() + "1 --arms fp");
   ASSERT_EQ(first.exit_code, 0) << first.output;
-  const auto fp_bytes = read_bytes(s.out / "fp.h5");
+  const auto fp_bytes = test::read_file(s.out / "fp.h5");
   ASSERT_GT(fp_bytes.size(), 8u * 1024u) << "the limit below must be smaller than a result file";
 
   // bash counts ulimit -f in KiB. The cache (token streams) is larger than the limit too: a cache
   // that cannot be written is no error.
-  const auto r = shell("bash -c \"ulimit -f 8; exec '" + std::string(PTQLAB_BINARY) + "' " + s.run_args() +
+  const auto r = test::run_shell("bash -c \"ulimit -f 8; exec '" + std::string(PTQLAB_BINARY) + "' " + s.run_args() +
                        "2 --cache-dir '" + (s.dir.path() / "cache").string() + "'\"");
   EXPECT_EQ(r.exit_code, 1) << r.output;
   for (const char* arm : {"rtn-bits4", "rtn-bits2", "sign"}) {
@@ -242,14 +207,14 @@ TEST(DiskFull, FileSizeLimitDuringARun) {
   EXPECT_EQ(s.finished(s.out), std::set<std::string>{"fp"});
   for (const auto& f : fs::directory_iterator(s.out))
     EXPECT_TRUE(f.path().filename() == "fp.h5" || f.path().filename() == ".cache") << "left behind: " << f.path();
-  EXPECT_EQ(read_bytes(s.out / "fp.h5"), fp_bytes);
+  EXPECT_EQ(test::read_file(s.out / "fp.h5"), fp_bytes);
 
   const auto again = test::run_ptqlab(s.run_args() + "2");
   EXPECT_EQ(again.exit_code, 0) << again.output;
   EXPECT_NE(again.output.find("1 already done"), std::string::npos) << again.output;
   EXPECT_EQ(s.finished(s.out).size(), 4u);
   s.expect_valid(s.out);
-  EXPECT_EQ(read_bytes(s.out / "fp.h5"), fp_bytes);
+  EXPECT_EQ(test::read_file(s.out / "fp.h5"), fp_bytes);
 }
 
 // The same on a real full file system: a 256 KiB tmpfs in a private mount namespace (root only).
@@ -257,7 +222,7 @@ TEST(DiskFull, FileSizeLimitDuringARun) {
 // what the tmpfs holds out, frees the space and runs again.
 TEST(DiskFull, TinyTmpfsDuringARun) {
   if (::geteuid() != 0) GTEST_SKIP() << "mounting a tmpfs needs root";
-  if (shell("unshare -m true").exit_code != 0) GTEST_SKIP() << "no private mount namespace (unshare -m) here";
+  if (test::run_shell("unshare -m true").exit_code != 0) GTEST_SKIP() << "no private mount namespace (unshare -m) here";
   Workspace s;
   const fs::path full = s.dir.path() / "when-full", after = s.dir.path() / "after";
   fs::create_directories(s.out);
@@ -274,7 +239,7 @@ TEST(DiskFull, TinyTmpfsDuringARun) {
                         << "rm " << out << "/filler\n"
                         << run << " >/dev/null 2>&1\necho \"rerun exit=$?\"\n"
                         << "cp -a " << out << "/. '" << after.string() << "/'\n";
-  const auto r = shell("unshare -m bash '" + script.string() + "'");
+  const auto r = test::run_shell("unshare -m bash '" + script.string() + "'");
   if (r.exit_code == 90) GTEST_SKIP() << "cannot mount a tmpfs here: " << r.output;
   ASSERT_EQ(r.exit_code, 0) << r.output;
   EXPECT_NE(r.output.find("exit=1\n"), std::string::npos) << r.output;
@@ -293,7 +258,7 @@ TEST(DiskFull, TinyTmpfsDuringARun) {
   EXPECT_NE(r.output.find("rerun exit=0"), std::string::npos) << r.output;
   EXPECT_EQ(s.finished(after).size(), 4u);
   s.expect_valid(after);
-  EXPECT_EQ(read_bytes(after / "fp.h5"), read_bytes(full / "fp.h5"));
+  EXPECT_EQ(test::read_file(after / "fp.h5"), test::read_file(full / "fp.h5"));
 }
 
 }  // namespace

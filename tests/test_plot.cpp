@@ -67,11 +67,6 @@ TEST(ParetoFront, KnownExample) {
 
 bool have_gnuplot() { return std::system("gnuplot --version >/dev/null 2>&1") == 0; }
 
-std::string slurp(const std::filesystem::path& p) {
-  std::ifstream in(p, std::ios::binary);
-  return std::string((std::istreambuf_iterator<char>(in)), {});
-}
-
 // A small XML well-formedness check (balanced, properly nested elements; quoted attributes;
 // comments, processing instructions, DOCTYPE and CDATA skipped). Returns "" when fine, else the
 // problem; `text` collects the character data.
@@ -148,20 +143,20 @@ TEST(Plot, WritesValidPngSvgPdfDataAndScript) {
                                              "stories260K-tinystories", "stories260K-wikitext2"}));
   for (const auto& p : plots) {
     ASSERT_EQ(p.files.size(), 5u) << p.stem;  // .dat .gp .png .svg .pdf
-    const auto png = slurp(o.out / (p.stem + ".png"));
+    const auto png = test::read_file(o.out / (p.stem + ".png"));
     EXPECT_EQ(png.substr(0, 8), std::string("\x89PNG\r\n\x1a\n", 8)) << p.stem;
     EXPECT_GT(png.size(), 5000u) << p.stem;
-    EXPECT_EQ(slurp(o.out / (p.stem + ".pdf")).substr(0, 5), "%PDF-") << p.stem;
+    EXPECT_EQ(test::read_file(o.out / (p.stem + ".pdf")).substr(0, 5), "%PDF-") << p.stem;
     std::string text;
-    EXPECT_EQ(check_xml(slurp(o.out / (p.stem + ".svg")), text), "") << p.stem;
+    EXPECT_EQ(check_xml(test::read_file(o.out / (p.stem + ".svg")), text), "") << p.stem;
     EXPECT_NE(text.find("gptq-w2"), std::string::npos) << p.stem;
     EXPECT_NE(text.find("fp"), std::string::npos) << p.stem;
     EXPECT_NE(text.find("Pareto front"), std::string::npos) << p.stem;
-    EXPECT_NE(slurp(o.out / (p.stem + ".gp")).find(p.stem + ".dat"), std::string::npos);
+    EXPECT_NE(test::read_file(o.out / (p.stem + ".gp")).find(p.stem + ".dat"), std::string::npos);
   }
   // stories260K tinystories: gptq-w2 (2 seeds) beats rtn-w2 at the same bits; the front is
   // gptq-w2, gptq-w3, fp by bits, and gptq-w2 carries its two runs and their std.
-  const auto dat = slurp(o.out / "stories260K-tinystories.dat");
+  const auto dat = test::read_file(o.out / "stories260K-tinystories.dat");
   EXPECT_NE(dat.find("2.238\t42\t"), std::string::npos) << dat;
   EXPECT_NE(dat.find("\t2.8284271247461903\t2\tgptq-w2\t"), std::string::npos) << dat;
   const auto front = dat.substr(dat.find("# block 1"));
@@ -171,19 +166,19 @@ TEST(Plot, WritesValidPngSvgPdfDataAndScript) {
   EXPECT_EQ(front.find("rtn-w2"), std::string::npos);
   // The failed billm run is listed in a note, in the data file and on the plot.
   EXPECT_EQ(plots[0].notes, (std::vector<std::string>{"billm (NaN, failed)"}));
-  EXPECT_NE(slurp(o.out / "llama2xs-279K-tinystories.dat").find("# not plotted (non-finite): billm (NaN, failed)"),
+  EXPECT_NE(test::read_file(o.out / "llama2xs-279K-tinystories.dat").find("# not plotted (non-finite): billm (NaN, failed)"),
             std::string::npos);
   std::string text;
-  check_xml(slurp(o.out / "llama2xs-279K-tinystories.svg"), text);
+  check_xml(test::read_file(o.out / "llama2xs-279K-tinystories.svg"), text);
   EXPECT_NE(text.find("billm (NaN, failed)"), std::string::npos);
   // rtn-w2 has no wikitext2 value (not evaluated there): no point, no note.
-  EXPECT_EQ(slurp(o.out / "stories260K-wikitext2.dat").find("rtn-w2"), std::string::npos);
+  EXPECT_EQ(test::read_file(o.out / "stories260K-wikitext2.dat").find("rtn-w2"), std::string::npos);
 
   // The paper convention on the x axis.
   o.formats = {"svg"};
   o.x = "paper";
   make_plots({dir.path() / "results"}, o);
-  const auto paper = slurp(o.out / "stories260K-tinystories.dat");
+  const auto paper = test::read_file(o.out / "stories260K-tinystories.dat");
   EXPECT_NE(paper.find("bits per weight (paper convention, log scale)"), std::string::npos);
   EXPECT_NE(paper.find("\n2\t42\t"), std::string::npos) << paper;
 }
@@ -194,16 +189,9 @@ TEST(PlotCli, MissingGnuplotAndBadOptionsExitTwoAndWriteNothing) {
   const std::string results = (dir.path() / "results").string();
   // A gnuplot that is not there: exit 2, a message naming the Debian package, nothing written.
   const std::string cmd = "PTQLAB_GNUPLOT=" + (dir.path() / "no-such-gnuplot").string() + " " +
-                          std::string(PTQLAB_BINARY) + " plot " + results + " --out " + (dir.path() / "p1").string() +
-                          " 2>&1";
-  FILE* pipe = ::popen(cmd.c_str(), "r");
-  ASSERT_NE(pipe, nullptr);
-  std::string output;
-  char buf[4096];
-  std::size_t n;
-  while ((n = std::fread(buf, 1, sizeof buf, pipe)) > 0) output.append(buf, n);
-  const int status = ::pclose(pipe);
-  EXPECT_EQ(WEXITSTATUS(status), 2) << output;
+                          std::string(PTQLAB_BINARY) + " plot " + results + " --out " + (dir.path() / "p1").string();
+  const auto [exit_code, output] = test::run_shell(cmd);
+  EXPECT_EQ(exit_code, 2) << output;
   EXPECT_NE(output.find("gnuplot not found"), std::string::npos) << output;
   EXPECT_NE(output.find("gnuplot-nox"), std::string::npos) << output;
   EXPECT_FALSE(std::filesystem::exists(dir.path() / "p1"));

@@ -257,8 +257,7 @@ namespace {
 TEST(PluginsCli, ConfigReferenceDocIsUpToDate) {
   const auto generated = test::run_ptqlab("plugins --markdown", false);
   ASSERT_EQ(generated.exit_code, 0);
-  std::ifstream in(std::filesystem::path(PTQLAB_SOURCE_DIR) / "docs" / "config-reference.md");
-  const std::string on_disk((std::istreambuf_iterator<char>(in)), {});
+  const std::string on_disk = test::read_file(std::filesystem::path(PTQLAB_SOURCE_DIR) / "docs" / "config-reference.md");
   EXPECT_EQ(on_disk, generated.output)
       << "docs/config-reference.md is stale: regenerate it with build/bin/ptqlab plugins --markdown > docs/config-reference.md";
 }

@@ -16,8 +16,7 @@ namespace {
 using test::write_fixture;
 
 std::string golden(const std::string& name) {
-  std::ifstream in(std::string(PTQLAB_TEST_DATA) + "/report/" + name);
-  return std::string((std::istreambuf_iterator<char>(in)), {});
+  return test::read_file(std::filesystem::path(PTQLAB_TEST_DATA) / "report" / name);
 }
 
 class ReportGolden : public ::testing::TestWithParam<std::tuple<std::string, std::string, std::string>> {};
@@ -81,8 +80,7 @@ TEST(ReportCli, WritesTheFileAndExitCodes) {
   const auto r = test::run_ptqlab("report " + (dir.path() / "s").string() + " " + (dir.path() / "x").string() +
                                   " --format latex --out " + out.string());
   ASSERT_EQ(r.exit_code, 0) << r.output;
-  std::ifstream in(out);
-  const std::string tex((std::istreambuf_iterator<char>(in)), {});
+  const std::string tex = test::read_file(out);
   EXPECT_NE(tex.find("\\toprule"), std::string::npos);
   EXPECT_NE(tex.find("42.00 $\\pm$ 2.83"), std::string::npos) << tex;
   const auto bad = test::run_ptqlab("report " + dir.path().string() + " --layout wide");

@@ -219,31 +219,12 @@ std::set<std::string> dir_entries(const fs::path& dir) {
   return names;
 }
 
-std::string read_bytes(const fs::path& p) {
-  std::ifstream in(p, std::ios::binary);
-  std::ostringstream ss;
-  ss << in.rdbuf();
-  return ss.str();
-}
-
 void write_bytes(const fs::path& p, const std::string& bytes) {
   std::ofstream out(p, std::ios::binary | std::ios::trunc);
   out.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
 }
 
-test::CommandResult run_command(const std::string& cmd) {
-  test::CommandResult r;
-  FILE* pipe = ::popen((cmd + " 2>&1").c_str(), "r");
-  if (pipe == nullptr) return r;
-  char buf[4096];
-  std::size_t n;
-  while ((n = std::fread(buf, 1, sizeof buf, pipe)) > 0) r.output.append(buf, n);
-  const int status = ::pclose(pipe);
-  r.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-  return r;
-}
-
-bool have_h5dump() { return run_command("command -v h5dump").exit_code == 0; }
+bool have_h5dump() { return test::run_shell("command -v h5dump").exit_code == 0; }
 
 // Overwrites the value of a scalar 4-byte root attribute in place. The files use HDF5's default
 // (earliest) format: version-1 object headers without checksums, and version-1 attribute messages
@@ -252,7 +233,7 @@ bool have_h5dump() { return run_command("command -v h5dump").exit_code == 0; }
 // given, renames the attribute (same length). Returns false when the attribute was not found.
 bool patch_attribute(const fs::path& file, const std::string& name, std::int32_t value,
                      const std::string& new_name = "") {
-  std::string bytes = read_bytes(file);
+  std::string bytes = test::read_file(file);
   const std::string key(name.c_str(), name.size() + 1);  // with its NUL
   auto pad8 = [](std::size_t n) { return (n + 7) / 8 * 8; };
   auto u16 = [&](std::size_t at) {
@@ -364,12 +345,12 @@ TEST(Results, H5dumpReadsEveryFile) {
   write_arm_result(minimal, minimal_result("minimal"));
   for (const auto& [file, hash] : {std::pair{rich, rich_result("rich").config_hash},
                                    std::pair{minimal, minimal_result("minimal").config_hash}}) {
-    const auto r = run_command("h5dump '" + file.string() + "'");
+    const auto r = test::run_shell("h5dump '" + file.string() + "'");
     EXPECT_EQ(r.exit_code, 0) << r.output;
     EXPECT_NE(r.output.find(hash), std::string::npos) << r.output;
     EXPECT_NE(r.output.find("ATTRIBUTE \"complete\""), std::string::npos) << r.output;
   }
-  const auto r = run_command("h5dump -d /calibration/token_ids '" + rich.string() + "'");
+  const auto r = test::run_shell("h5dump -d /calibration/token_ids '" + rich.string() + "'");
   EXPECT_EQ(r.exit_code, 0) << r.output;
   EXPECT_NE(r.output.find("DATASPACE  SIMPLE { ( 3, 5 ) / ( 3, 5 ) }"), std::string::npos) << r.output;
   EXPECT_NE(r.output.find("2147483647"), std::string::npos) << r.output;
@@ -475,7 +456,7 @@ TEST(ResultsAtomicity, MissingGarbageEmptyAndTruncatedFilesAreRejected) {
 
   const fs::path good = dir.path() / "good.h5";
   write_arm_result(good, rich_result("good"));
-  const std::string bytes = read_bytes(good);
+  const std::string bytes = test::read_file(good);
   ASSERT_GT(bytes.size(), 1000u);
   const fs::path half = dir.path() / "half.h5";
   write_bytes(half, bytes.substr(0, bytes.size() / 2));

@@ -26,30 +26,13 @@
 namespace ptqlab {
 namespace {
 
-// A small but real experiment: 8 calibration windows of 128 tokens, perplexity on 3 windows.
+// The small stories260K experiment (fp, rtn 4/bits2 bits, sign) plus `extra_arms`.
 std::string experiment_yaml(const std::string& extra_arms = "", int bits2 = 2) {
-  return "name: runner-test\n"
-         "model: " + test::model_dir("stories260K").string() + "\n"
-         "seed: 3\n"
-         "calibration:\n"
-         "  text: " + test::data_file("tinystories/calib.txt").string() + "\n"
-         "  nsamples: 8\n"
-         "  seq_len: 128\n"
-         "eval:\n"
-         "  - evaluator: perplexity\n"
-         "    params: {seq_len: 256, max_windows: 3}\n"
-         "    datasets:\n"
-         "      tinystories: " + test::data_file("tinystories/valid.txt").string() + "\n"
-         "arms:\n"
-         "  - name: fp\n"
-         "    quantizer: fp\n"
-         "  - name: rtn\n"
-         "    quantizer: {name: rtn, params: {group_size: 32}}\n"
-         "    sweep:\n"
-         "      grid:\n"
-         "        quantizer.bits: [4, " + std::to_string(bits2) + "]\n"
-         "  - name: sign\n"
-         "    quantizer: sign\n" + extra_arms;
+  test::SmallExperiment e;
+  e.name = "runner-test";
+  e.seed = 3;
+  e.arms = test::standard_arms(bits2) + extra_arms;
+  return e.yaml();
 }
 
 struct Workspace {

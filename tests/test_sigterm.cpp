@@ -33,29 +33,19 @@ namespace fs = std::filesystem;
 
 // fp, then a slow arm (test-slow: 80 ms per linear, 35 linears), then sign; one arm at a time.
 std::string experiment_yaml(const fs::path& marker) {
-  return "name: sigterm-test\n"
-         "model: " + test::model_dir("stories260K").string() + "\n"
-         "calibration:\n"
-         "  text: " + test::data_file("tinystories/calib.txt").string() + "\n"
-         "  nsamples: 4\n"
-         "  seq_len: 64\n"
-         "eval:\n"
-         "  - evaluator: perplexity\n"
-         "    params: {seq_len: 128, max_windows: 2}\n"
-         "    datasets:\n"
-         "      tinystories: " + test::data_file("tinystories/valid.txt").string() + "\n"
-         "arms:\n"
-         "  - name: fp\n"
-         "    quantizer: fp\n"
-         "  - name: slow\n"
-         "    quantizer: {name: test-slow, params: {ms: 80, marker: " + marker.string() + "}}\n"
-         "  - name: sign\n"
-         "    quantizer: sign\n";
-}
-
-std::string read(const fs::path& p) {
-  std::ifstream in(p, std::ios::binary);
-  return {std::istreambuf_iterator<char>(in), {}};
+  test::SmallExperiment e;
+  e.name = "sigterm-test";
+  e.nsamples = 4;
+  e.seq_len = 64;
+  e.eval_seq_len = 128;
+  e.max_windows = 2;
+  e.arms = "  - name: fp\n"
+           "    quantizer: fp\n"
+           "  - name: slow\n"
+           "    quantizer: {name: test-slow, params: {ms: 80, marker: " + marker.string() + "}}\n"
+           "  - name: sign\n"
+           "    quantizer: sign\n";
+  return e.yaml();
 }
 
 // Result-looking files (*.h5 not starting with '.') in dir.
@@ -91,11 +81,11 @@ TEST(Sigterm, RealRunStopsCleanlyAndResumes) {
   const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(120);
   while (!fs::exists(marker) && std::chrono::steady_clock::now() < deadline)
     std::this_thread::sleep_for(std::chrono::milliseconds(5));
-  ASSERT_TRUE(fs::exists(marker)) << "the slow arm never started:\n" << read(log);
+  ASSERT_TRUE(fs::exists(marker)) << "the slow arm never started:\n" << test::read_file(log);
   ::kill(pid, SIGTERM);
   int status = 0;
   ::waitpid(pid, &status, 0);
-  const std::string output = read(log);
+  const std::string output = test::read_file(log);
   ASSERT_TRUE(WIFEXITED(status)) << "killed by signal " << WTERMSIG(status) << "\n" << output;
   EXPECT_EQ(WEXITSTATUS(status), kExitStopped) << output;
   EXPECT_NE(output.find("[slow] STOPPED (SIGTERM) during quantize layer 1/5: no result written"), std::string::npos)
@@ -111,7 +101,7 @@ TEST(Sigterm, RealRunStopsCleanlyAndResumes) {
   for (const auto& f : fs::directory_iterator(out))
     EXPECT_FALSE(f.is_regular_file() && f.path().filename().string()[0] == '.') << "left behind: " << f.path();
   std::map<std::string, std::string> before;
-  for (const auto& name : kept) before[name] = read(out / (name + ".h5"));
+  for (const auto& name : kept) before[name] = test::read_file(out / (name + ".h5"));
 
   // The rerun: finished arms cached and untouched, the rest computed.
   fs::remove(marker);
@@ -122,7 +112,7 @@ TEST(Sigterm, RealRunStopsCleanlyAndResumes) {
             std::string::npos)
       << r.output;
   EXPECT_EQ(result_files(out), (std::vector<std::string>{"fp", "sign", "slow"}));
-  for (const auto& [name, bytes] : before) EXPECT_EQ(read(out / (name + ".h5")), bytes) << name << " was recomputed";
+  for (const auto& [name, bytes] : before) EXPECT_EQ(test::read_file(out / (name + ".h5")), bytes) << name << " was recomputed";
   EXPECT_EQ(read_arm_result(out / "slow.h5").status, "ok");
 }
 

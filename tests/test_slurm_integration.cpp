@@ -25,23 +25,6 @@ namespace {
 namespace fs = std::filesystem;
 using Clock = std::chrono::steady_clock;
 
-std::string read(const fs::path& p) {
-  std::ifstream in(p, std::ios::binary);
-  return {std::istreambuf_iterator<char>(in), {}};
-}
-
-test::CommandResult shell(const std::string& command) {
-  test::CommandResult r;
-  FILE* pipe = ::popen((command + " 2>&1").c_str(), "r");
-  if (pipe == nullptr) return r;
-  char buf[4096];
-  std::size_t n;
-  while ((n = std::fread(buf, 1, sizeof buf, pipe)) > 0) r.output.append(buf, n);
-  const int status = ::pclose(pipe);
-  r.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-  return r;
-}
-
 std::string replace_once(std::string s, const std::string& from, const std::string& to) {
   const auto at = s.find(from);
   if (at == std::string::npos) throw std::runtime_error("experiments/quickstart.yaml has no '" + from + "' any more");
@@ -51,7 +34,7 @@ std::string replace_once(std::string s, const std::string& from, const std::stri
 // The Slurm state of a job (array: the first task's line is enough for a single job), "" when
 // Slurm no longer knows it.
 std::string job_state(const std::string& job) {
-  const auto r = shell("scontrol show job -o " + job);
+  const auto r = test::run_shell("scontrol show job -o " + job);
   std::smatch m;
   if (r.exit_code != 0 || !std::regex_search(r.output, m, std::regex(R"(JobState=(\w+))"))) return "";
   return m[1];
@@ -78,20 +61,20 @@ class SlurmCluster : public ::testing::Test {
       skip_reason_ = "needs root: scripts/slurm-cluster runs munged, slurmctld and slurmd as root";
       return;
     }
-    was_running_ = shell(script() + " status").exit_code == 0;
-    const auto start = shell(script() + " start");
+    was_running_ = test::run_shell(script() + " status").exit_code == 0;
+    const auto start = test::run_shell(script() + " start");
     if (start.exit_code != 0) {
       skip_reason_ = fmt::format("could not install or start Slurm (scripts/slurm-cluster start exited {}): {}",
                                  start.exit_code, start.output);
       return;
     }
     started_ = !was_running_;
-    const auto env = shell(script() + " env");
+    const auto env = test::run_shell(script() + " env");
     const auto conf = env.output.substr(env.output.find('=') + 1);
     ::setenv("SLURM_CONF", conf.substr(0, conf.find('\n')).c_str(), 1);
   }
   static void TearDownTestSuite() {
-    if (started_) shell(script() + " stop");
+    if (started_) test::run_shell(script() + " stop");
   }
   void SetUp() override {
     if (!skip_reason_.empty()) GTEST_SKIP() << skip_reason_;
@@ -101,7 +84,7 @@ class SlurmCluster : public ::testing::Test {
   // experiments/quickstart.yaml with fewer calibration windows and eval windows, so the four
   // arms take seconds; `extra_arms` are appended.
   static fs::path quickstart(const fs::path& dir, const std::string& extra_arms = "") {
-    std::string text = read(fs::path(PTQLAB_SOURCE_DIR) / "experiments" / "quickstart.yaml");
+    std::string text = test::read_file(fs::path(PTQLAB_SOURCE_DIR) / "experiments" / "quickstart.yaml");
     for (std::size_t at; (at = text.find("../../shared")) != std::string::npos;)
       text.replace(at, 12, test::shared_dir().string());
     text = replace_once(text, "nsamples: 128", "nsamples: 16");
@@ -133,18 +116,18 @@ TEST_F(SlurmCluster, QuickstartSweepReportsAndResubmitsNothing) {
   const double seconds = std::chrono::duration<double>(Clock::now() - t0).count();
   std::string logs;
   if (fs::exists(out / "slurm" / "logs"))
-    for (const auto& f : fs::directory_iterator(out / "slurm" / "logs")) logs += f.path().string() + ":\n" + read(f.path());
+    for (const auto& f : fs::directory_iterator(out / "slurm" / "logs")) logs += f.path().string() + ":\n" + test::read_file(f.path());
   ASSERT_EQ(state, "COMPLETED") << "report job " << report_job << "\n" << logs;
   std::cout << fmt::format("array job {} + report job {}: done in {:.1f}s\n", array_job, report_job, seconds);
 
   // Every arm: its own complete result file, its own log.
-  const std::string report = read(out / "report.md");
+  const std::string report = test::read_file(out / "report.md");
   for (const auto& [i, arm] : std::vector<std::pair<int, std::string>>{{0, "fp"}, {1, "rtn-bits4"}, {2, "rtn-bits3"}, {3, "rtn-bits2"}}) {
     const ArmResult result = read_arm_result(out / (arm + ".h5"));
     EXPECT_EQ(result.status, "ok") << arm;
     const double ppl = result.metrics.at("perplexity").at("tinystories").at("ppl");
     EXPECT_TRUE(std::isfinite(ppl)) << arm;
-    EXPECT_NE(read(out / "slurm" / "logs" / fmt::format("{}_{}.out", array_job, i)).find("arm " + arm + " on "),
+    EXPECT_NE(test::read_file(out / "slurm" / "logs" / fmt::format("{}_{}.out", array_job, i)).find("arm " + arm + " on "),
               std::string::npos)
         << arm << "\n" << logs;
     // The report's row for the arm shows its perplexity (2 decimals, maybe bold).
@@ -153,13 +136,13 @@ TEST_F(SlurmCluster, QuickstartSweepReportsAndResubmitsNothing) {
         << arm << "\n" << report;
     EXPECT_NE(row.str().find(fmt::format("{:.2f}", ppl)), std::string::npos) << row.str();
   }
-  EXPECT_NE(read(out / "report.csv").find("rtn-bits2"), std::string::npos);
+  EXPECT_NE(test::read_file(out / "report.csv").find("rtn-bits2"), std::string::npos);
 
   // A rerun finds every result and submits nothing.
   const auto again = test::run_ptqlab("sweep " + yaml.string() + " --slurm --submit --out " + out.string());
   ASSERT_EQ(again.exit_code, 0) << again.output;
   EXPECT_NE(again.output.find("nothing to submit"), std::string::npos) << again.output;
-  const std::string submissions = read(out / "slurm" / "submissions.tsv");
+  const std::string submissions = test::read_file(out / "slurm" / "submissions.tsv");
   EXPECT_EQ(std::count(submissions.begin(), submissions.end(), '\n'), 2) << submissions;  // header + one
 }
 
@@ -182,13 +165,13 @@ TEST_F(SlurmCluster, SigtermedTaskIsResubmittedAlone) {
   const auto deadline = Clock::now() + std::chrono::seconds(600);
   while (!fs::exists(marker) && Clock::now() < deadline) std::this_thread::sleep_for(std::chrono::milliseconds(100));
   ASSERT_TRUE(fs::exists(marker)) << "the slow arm never started";
-  const auto cancel = shell("scancel --batch --signal=TERM " + array_job + "_4");
+  const auto cancel = test::run_shell("scancel --batch --signal=TERM " + array_job + "_4");
   ASSERT_EQ(cancel.exit_code, 0) << cancel.output;
   EXPECT_EQ(wait_for_job(array_job + "_4", 300), "FAILED");
-  const std::string task_log = read(out / "slurm" / "logs" / (array_job + "_4.out"));
+  const std::string task_log = test::read_file(out / "slurm" / "logs" / (array_job + "_4.out"));
   EXPECT_NE(task_log.find("[slow] STOPPED (SIGTERM) during quantize layer"), std::string::npos) << task_log;
   EXPECT_NE(task_log.find("ptqlab: stopped by SIGTERM"), std::string::npos) << task_log;
-  EXPECT_NE(shell("scontrol show job -o " + array_job + "_4").output.find("ExitCode=75:0"), std::string::npos);
+  EXPECT_NE(test::run_shell("scontrol show job -o " + array_job + "_4").output.find("ExitCode=75:0"), std::string::npos);
   EXPECT_FALSE(fs::exists(out / "slow.h5"));
   const std::string report_state = wait_for_job(report_job, 120);
   EXPECT_TRUE(report_state == "CANCELLED" || report_state.empty()) << report_state;  // --kill-on-invalid-dep
@@ -201,9 +184,9 @@ TEST_F(SlurmCluster, SigtermedTaskIsResubmittedAlone) {
   EXPECT_NE(r.output.find("arms to run (array 4): slow"), std::string::npos) << r.output;
   ASSERT_TRUE(std::regex_search(r.output, m, std::regex(R"(submitted array job (\d+) \(1 tasks\) and report job (\d+))")))
       << r.output;
-  EXPECT_EQ(wait_for_job(m[2], 600), "COMPLETED") << read(out / "slurm" / "logs" / (std::string(m[1]) + "_4.out"));
+  EXPECT_EQ(wait_for_job(m[2], 600), "COMPLETED") << test::read_file(out / "slurm" / "logs" / (std::string(m[1]) + "_4.out"));
   EXPECT_EQ(read_arm_result(out / "slow.h5").status, "ok");
-  EXPECT_NE(read(out / "report.md").find("| slow |"), std::string::npos);
+  EXPECT_NE(test::read_file(out / "report.md").find("| slow |"), std::string::npos);
 }
 
 }  // namespace

@@ -22,32 +22,16 @@ namespace fs = std::filesystem;
 
 // A small real experiment: 4 arms (fp, rtn-bits4, rtn-bits2, sign), fast to run.
 std::string experiment_yaml(const std::string& model, const std::string& calib, const std::string& valid) {
-  return "name: sweep-test\n"
-         "model: " + model + "\n"
-         "calibration:\n"
-         "  text: " + calib + "\n"
-         "  nsamples: 4\n"
-         "  seq_len: 64\n"
-         "eval:\n"
-         "  - evaluator: perplexity\n"
-         "    params: {seq_len: 128, max_windows: 2}\n"
-         "    datasets:\n"
-         "      tinystories: " + valid + "\n"
-         "arms:\n"
-         "  - name: fp\n"
-         "    quantizer: fp\n"
-         "  - name: rtn\n"
-         "    quantizer: {name: rtn, params: {group_size: 32}}\n"
-         "    sweep:\n"
-         "      grid:\n"
-         "        quantizer.bits: [4, 2]\n"
-         "  - name: sign\n"
-         "    quantizer: sign\n";
-}
-
-std::string read(const fs::path& p) {
-  std::ifstream in(p, std::ios::binary);
-  return {std::istreambuf_iterator<char>(in), {}};
+  test::SmallExperiment e;
+  e.name = "sweep-test";
+  e.model = model;
+  e.calib = calib;
+  e.valid = valid;
+  e.nsamples = 4;
+  e.seq_len = 64;
+  e.eval_seq_len = 128;
+  e.max_windows = 2;
+  return e.yaml();
 }
 
 std::string replace_all(std::string s, const std::string& from, const std::string& to) {
@@ -95,7 +79,7 @@ void expect_golden(const std::string& text, const std::string& name) {
     std::ofstream(file, std::ios::binary) << text;
     GTEST_SKIP() << "golden file rewritten";
   }
-  EXPECT_EQ(text, read(file)) << "regenerate with PTQLAB_UPDATE_GOLDEN=1 after checking the new output:\n" << text;
+  EXPECT_EQ(text, test::read_file(file)) << "regenerate with PTQLAB_UPDATE_GOLDEN=1 after checking the new output:\n" << text;
 }
 
 TEST(SlurmSweep, CompressIndicesAndTimeLimits) {
@@ -164,9 +148,9 @@ TEST(SlurmSweep, FrozenCopyReproducesTheExperiment) {
   write_slurm_sweep(plan, exp, s.options, s.registry);
   const fs::path frozen = s.options.out_dir / "slurm" / plan.frozen_name;
   ASSERT_TRUE(fs::exists(frozen));
-  EXPECT_EQ(read(frozen), plan.frozen_yaml);
-  EXPECT_EQ(read(s.options.out_dir / "slurm" / "array.sbatch"), plan.array_script);
-  EXPECT_EQ(read(s.options.out_dir / "slurm" / "manifest.tsv"), plan.manifest);
+  EXPECT_EQ(test::read_file(frozen), plan.frozen_yaml);
+  EXPECT_EQ(test::read_file(s.options.out_dir / "slurm" / "array.sbatch"), plan.array_script);
+  EXPECT_EQ(test::read_file(s.options.out_dir / "slurm" / "manifest.tsv"), plan.manifest);
   EXPECT_TRUE(fs::is_directory(s.options.out_dir / "slurm" / "logs"));
   EXPECT_NE(plan.array_script.find(frozen.string()), std::string::npos);
   const Experiment copy = load_experiment(frozen, s.registry);
@@ -178,9 +162,9 @@ TEST(SlurmSweep, FrozenCopyReproducesTheExperiment) {
     EXPECT_NE(f.path().filename().string()[0], '.') << f.path();
 
   // Editing the original while jobs are queued changes nothing the jobs read.
-  const std::string before = read(frozen);
+  const std::string before = test::read_file(frozen);
   std::ofstream(rel_yaml) << replace_all(text, "[4, 2]", "[3]");
-  EXPECT_EQ(read(frozen), before);
+  EXPECT_EQ(test::read_file(frozen), before);
   // Sweeping the edited file writes a second frozen copy next to the first.
   const Experiment edited = load_experiment(rel_yaml, s.registry);
   const auto plan2 = plan_slurm_sweep(edited, s.options);
@@ -262,7 +246,7 @@ TEST(SweepCli, PrintsCommandsThenNothingToSubmit) {
             std::string::npos)
       << r.output;
   // The script runs this very binary on the frozen copy.
-  const std::string script = read(out / "slurm" / "array.sbatch");
+  const std::string script = test::read_file(out / "slurm" / "array.sbatch");
   EXPECT_NE(script.find("exec '" + fs::canonical(PTQLAB_BINARY).string() + "' run '" + (out / "slurm").string()),
             std::string::npos)
       << script;
@@ -287,25 +271,16 @@ TEST(SweepCli, SubmitsArrayThenReportAfterOk) {
   fs::permissions(bin / "squeue", fs::perms::owner_all);
   s.run("sign");
   const std::string cmd = "PATH=" + bin.string() + ":$PATH " + PTQLAB_BINARY + " sweep " + s.yaml.string() +
-                          " --slurm --submit --out " + s.options.out_dir.string() + " 2>&1";
-  auto run = [&] {
-    test::CommandResult r;
-    FILE* p = ::popen(cmd.c_str(), "r");
-    char buf[4096];
-    std::size_t n;
-    while ((n = std::fread(buf, 1, sizeof buf, p)) > 0) r.output.append(buf, n);
-    const int status = ::pclose(p);
-    r.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-    return r;
-  };
+                          " --slurm --submit --out " + s.options.out_dir.string();
+  auto run = [&] { return test::run_shell(cmd); };
   auto r = run();
   ASSERT_EQ(r.exit_code, 0) << r.output;
   EXPECT_NE(r.output.find("submitted array job 4242 (3 tasks) and report job 4243"), std::string::npos) << r.output;
-  const std::string calls = read(log);
+  const std::string calls = test::read_file(log);
   EXPECT_EQ(calls, "--parsable --array=0-2 " + (s.options.out_dir / "slurm" / "array.sbatch").string() + "\n" +
                        "--parsable --dependency=afterok:4242 " + (s.options.out_dir / "slurm" / "report.sbatch").string() +
                        "\n");
-  const std::string submissions = read(s.options.out_dir / "slurm" / "submissions.tsv");
+  const std::string submissions = test::read_file(s.options.out_dir / "slurm" / "submissions.tsv");
   EXPECT_NE(submissions.find("\t4242\t0-2\t4243\n"), std::string::npos) << submissions;
 
   // While the previous array still has tasks in the queue, a resubmission is refused.
@@ -313,7 +288,7 @@ TEST(SweepCli, SubmitsArrayThenReportAfterOk) {
   r = run();
   EXPECT_EQ(r.exit_code, 2) << r.output;
   EXPECT_NE(r.output.find("array job 4242 of the previous submission"), std::string::npos) << r.output;
-  EXPECT_EQ(read(log), calls);  // nothing submitted
+  EXPECT_EQ(test::read_file(log), calls);  // nothing submitted
 }
 
 TEST(SweepCli, BadOptionsExit2WithOneLine) {

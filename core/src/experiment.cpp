@@ -1125,6 +1125,27 @@ class RegistrySchemas final : public SchemaSource {
 
 // ---------------------------------------------------------------------------------------------
 
+void SchemaList::add(ComponentKind kind, std::string name, std::vector<ParamSpec> params) {
+  ComponentSchema s;
+  s.kind = kind;
+  s.name = std::move(name);
+  s.params = std::move(params);
+  schemas_.push_back(std::move(s));
+}
+
+const ComponentSchema* SchemaList::find(ComponentKind kind, const std::string& name) const {
+  for (const auto& s : schemas_)
+    if (s.kind == kind && s.name == name) return &s;
+  return nullptr;
+}
+
+std::vector<std::string> SchemaList::names(ComponentKind kind) const {
+  std::vector<std::string> out;
+  for (const auto& s : schemas_)
+    if (s.kind == kind) out.push_back(s.name);
+  return out;
+}
+
 std::optional<std::string> closest_match(const std::string& word, const std::vector<std::string>& candidates) {
   const std::size_t limit = std::max<std::size_t>(2, word.size() / 3);
   std::optional<std::string> best;

@@ -22,37 +22,14 @@
 #include "ptqlab/perplexity.hpp"
 #include "ptqlab/text_file.hpp"
 #include "ptqlab/tokenizer.hpp"
+#include "bench_support.hpp"
 
 namespace ptqlab {
 namespace {
 
-using Clock = std::chrono::steady_clock;
-
-double seconds_since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
-
-Matrix random_matrix(Eigen::Index rows, Eigen::Index cols, float scale, std::uint64_t seed) {
-  std::mt19937_64 rng(seed);
-  std::normal_distribution<float> dist(0.0f, scale);
-  Matrix m(rows, cols);
-  for (Eigen::Index i = 0; i < m.size(); ++i) m.data()[i] = dist(rng);
-  return m;
-}
-
-// LLaMA-7B layer shape (hidden 4096, intermediate 11008, 32 heads of 128); a tiny vocabulary so
-// that random_llama does not spend 500 MB on an embedding nobody reads.
-LlamaConfig llama7b_layer_config() {
-  LlamaConfig c;
-  c.hidden_size = 4096;
-  c.intermediate_size = 11008;
-  c.num_layers = 1;
-  c.num_heads = 32;
-  c.num_kv_heads = 32;
-  c.head_dim = 128;
-  c.vocab_size = 32;
-  c.max_position_embeddings = 4096;
-  c.rms_norm_eps = 1e-5;
-  return c;
-}
+using bench::Clock;
+using bench::random_matrix;
+using bench::seconds_since;
 
 // Best of `runs` plain forward passes of the layer on `input`.
 double forward_seconds(const LlamaConfig& c, const DecoderLayer& layer, const RopeTable& rope, BatchShape shape,
@@ -129,7 +106,7 @@ void run_forward_backward(benchmark::State& state, const LlamaConfig& c, const D
 }
 
 const LlamaModel& llama7b() {
-  static const LlamaModel model = random_llama(llama7b_layer_config(), 1);
+  static const LlamaModel model = random_llama(bench::llama7b_config(1, 32), 1);
   return model;
 }
 

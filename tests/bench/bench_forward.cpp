@@ -15,33 +15,12 @@
 #include "ptqlab/perplexity.hpp"
 #include "ptqlab/text_file.hpp"
 #include "ptqlab/tokenizer.hpp"
+#include "bench_support.hpp"
 
 namespace ptqlab {
 namespace {
 
-Matrix random_matrix(Eigen::Index rows, Eigen::Index cols, float scale, std::uint64_t seed) {
-  std::mt19937_64 rng(seed);
-  std::normal_distribution<float> dist(0.0f, scale);
-  Matrix m(rows, cols);
-  for (Eigen::Index i = 0; i < m.size(); ++i) m.data()[i] = dist(rng);
-  return m;
-}
-
-// LLaMA-7B shapes (hidden 4096, intermediate 11008, 32 heads, vocab 32000) with random weights.
-LlamaConfig llama7b_config(int layers) {
-  LlamaConfig c;
-  c.hidden_size = 4096;
-  c.intermediate_size = 11008;
-  c.num_layers = layers;
-  c.num_heads = 32;
-  c.num_kv_heads = 32;
-  c.head_dim = 128;
-  c.vocab_size = 32000;
-  c.max_position_embeddings = 4096;
-  c.rms_norm_eps = 1e-5;
-  c.tie_word_embeddings = false;
-  return c;
-}
+using bench::random_matrix;
 
 // Flops of one decoder layer over `tokens` tokens of sequences of length T (causal attention
 // counted as the half triangle, QKᵀ and PV).
@@ -129,7 +108,7 @@ BENCHMARK(BM_Attention)
 // One decoder layer at LLaMA-7B shape (hidden 4096, intermediate 11008, 32 heads), seq 2048.
 void BM_DecoderLayer7B(benchmark::State& state) {
   const int T = state.range(0);
-  static const LlamaModel model = random_llama(llama7b_config(1), 1);
+  static const LlamaModel model = random_llama(bench::llama7b_config(1, 32000), 1);
   const RopeTable rope(model.config.head_dim, model.config.rope_theta, T);
   const Matrix input = random_matrix(T, 4096, 1.0f, 5);
   Matrix hidden;
@@ -149,7 +128,7 @@ BENCHMARK(BM_DecoderLayer7B)->Arg(512)->Arg(2048)->Unit(benchmark::kMillisecond)
 // 32000-way lm_head) on one sequence of 2048 tokens, reduced to next-token NLL like perplexity.
 void BM_SyntheticLlama7BForward(benchmark::State& state) {
   const int T = state.range(0);
-  static const LlamaModel model = random_llama(llama7b_config(2), 2);
+  static const LlamaModel model = random_llama(bench::llama7b_config(2, 32000), 2);
   std::vector<int> tokens(T);
   for (int i = 0; i < T; ++i) tokens[i] = (i * 7919) % 32000;
   for (auto _ : state) {

@@ -20,13 +20,13 @@
 #include "ptqlab/perplexity.hpp"
 #include "ptqlab/text_file.hpp"
 #include "ptqlab/tokenizer.hpp"
+#include "bench_support.hpp"
 
 namespace ptqlab {
 namespace {
 
-using Clock = std::chrono::steady_clock;
-
-double seconds_since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
+using bench::Clock;
+using bench::seconds_since;
 
 void run(benchmark::State& state, const LlamaModel& model, const std::vector<int>& tokens, BatchShape shape, int rank) {
   LoraConfig cfg;
@@ -74,16 +74,7 @@ BENCHMARK(BM_LoraTrainStepStories260K)->Arg(8)->Unit(benchmark::kMillisecond)->U
 // One decoder layer of LLaMA-7B shape (hidden 4096, intermediate 11008, 32 heads of 128) under a
 // 32-token vocabulary head, rank 64 as the paper: the per-layer cost of a training step.
 void BM_LoraTrainStepLlama7BLayer(benchmark::State& state) {
-  LlamaConfig c;
-  c.hidden_size = 4096;
-  c.intermediate_size = 11008;
-  c.num_layers = 1;
-  c.num_heads = 32;
-  c.num_kv_heads = 32;
-  c.head_dim = 128;
-  c.vocab_size = 32;
-  c.max_position_embeddings = 4096;
-  c.rms_norm_eps = 1e-5;
+  LlamaConfig c = bench::llama7b_config(1, 32);
   c.tie_word_embeddings = true;
   const auto model = random_llama(c, 3, 0.02f);
   const BatchShape shape{1, static_cast<int>(state.range(0))};

@@ -103,6 +103,18 @@ class SchemaSource {
                                 const std::vector<LinearShape>& shapes) const;
 };
 
+// A SchemaSource over a fixed list of schemas, for validating experiments without loading
+// plugins (the experiment tests and the fuzz target). Predicts no bits.
+class SchemaList final : public SchemaSource {
+ public:
+  void add(ComponentKind kind, std::string name, std::vector<ParamSpec> params);
+  const ComponentSchema* find(ComponentKind kind, const std::string& name) const override;
+  std::vector<std::string> names(ComponentKind kind) const override;
+
+ private:
+  std::vector<ComponentSchema> schemas_;
+};
+
 // SchemaSource::predict_bits with the registry's plugins: Quantizer::predict_bits on each shape
 // with the Mask::predict of the arm mask, plus the mask's storage (as the engine adds it).
 BitCount predict_arm_bits(const PluginRegistry& registry, const ComponentRef& quantizer,
