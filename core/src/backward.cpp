@@ -505,6 +505,38 @@ Matrix& zeroed(Matrix& m, Index rows, Index cols) {
 
 }  // namespace
 
+void decoder_layer_backward_with(const LlamaConfig& c, const DecoderLayer& layer, const RopeTable& rope,
+                                 BatchShape shape, const DecoderLayerTape& tape, const Matrix& input,
+                                 const Matrix& grad_output, const LinearBackward& linear_backward_of,
+                                 Vector& post_norm_grad, Vector& input_norm_grad, Matrix* grad_input,
+                                 DecoderLayerScratch& s) {
+  const Index rows = shape.rows(), H = c.hidden_size, I = c.intermediate_size;
+
+  // MLP block, backwards: out = h1 + act Wdᵀ, act = silu(gate) up, gate/up = normed2 W{g,u}ᵀ.
+  s.grad_h1 = grad_output;  // the residual passes the gradient through
+  linear_backward_of(Linear::down_proj, tape.act, grad_output, zeroed(s.grad_act, rows, I));
+  swiglu_backward(tape.gate, tape.up, s.grad_act, zeroed(s.grad_gate, rows, I), zeroed(s.grad_up, rows, I));
+  zeroed(s.grad_normed2, rows, H);
+  linear_backward_of(Linear::gate_proj, tape.normed2, s.grad_gate, s.grad_normed2);
+  linear_backward_of(Linear::up_proj, tape.normed2, s.grad_up, s.grad_normed2);
+  rms_norm_backward(tape.h1, layer.post_norm, tape.inv_rms2, s.grad_normed2, &s.grad_h1, post_norm_grad);
+
+  // Attention block, backwards: h1 = x + attn Woᵀ, attn = attention(rope(q), rope(k), v),
+  // q/k/v = normed1 W{q,k,v}ᵀ.
+  linear_backward_of(Linear::o_proj, tape.attn, s.grad_h1, zeroed(s.grad_attn, rows, c.q_dim()));
+  causal_attention_backward(tape.q, tape.k, tape.v, s.grad_attn, c.num_heads, c.num_kv_heads, c.head_dim, shape,
+                            zeroed(s.grad_q, rows, c.q_dim()), zeroed(s.grad_k, rows, c.kv_dim()),
+                            zeroed(s.grad_v, rows, c.kv_dim()));
+  rope_backward(s.grad_q, c.num_heads, c.head_dim, rope, shape);
+  rope_backward(s.grad_k, c.num_kv_heads, c.head_dim, rope, shape);
+  zeroed(s.grad_normed1, rows, H);
+  linear_backward_of(Linear::q_proj, tape.normed1, s.grad_q, s.grad_normed1);
+  linear_backward_of(Linear::k_proj, tape.normed1, s.grad_k, s.grad_normed1);
+  linear_backward_of(Linear::v_proj, tape.normed1, s.grad_v, s.grad_normed1);
+  if (grad_input != nullptr) *grad_input = s.grad_h1;  // residual: x -> h1
+  rms_norm_backward(input, layer.input_norm, tape.inv_rms1, s.grad_normed1, grad_input, input_norm_grad);
+}
+
 void decoder_layer_backward(const LlamaConfig& c, const DecoderLayer& layer, const RopeTable& rope,
                             BatchShape shape, const DecoderLayerTape& tape, const Matrix& grad_output,
                             DecoderLayerGrads& grads, Matrix* grad_input, DecoderLayerScratch* scratch) {
@@ -513,34 +545,12 @@ void decoder_layer_backward(const LlamaConfig& c, const DecoderLayer& layer, con
                             tape.shape.batch, tape.shape.seq_len, shape.batch, shape.seq_len));
   check_shape(grad_output, shape.rows(), c.hidden_size, "decoder layer output gradient");
   DecoderLayerScratch local;
-  DecoderLayerScratch& s = scratch != nullptr ? *scratch : local;
-  const Index rows = shape.rows(), H = c.hidden_size, I = c.intermediate_size;
-
-  // MLP block, backwards: out = h1 + act Wdᵀ, act = silu(gate) up, gate/up = normed2 W{g,u}ᵀ.
-  s.grad_h1 = grad_output;  // the residual passes the gradient through
-  linear_backward(tape.act, layer.down_proj, grad_output, &zeroed(s.grad_act, rows, I),
-                  grads.linear_grad(Linear::down_proj));
-  swiglu_backward(tape.gate, tape.up, s.grad_act, zeroed(s.grad_gate, rows, I), zeroed(s.grad_up, rows, I));
-  zeroed(s.grad_normed2, rows, H);
-  linear_backward(tape.normed2, layer.gate_proj, s.grad_gate, &s.grad_normed2, grads.linear_grad(Linear::gate_proj));
-  linear_backward(tape.normed2, layer.up_proj, s.grad_up, &s.grad_normed2, grads.linear_grad(Linear::up_proj));
-  rms_norm_backward(tape.h1, layer.post_norm, tape.inv_rms2, s.grad_normed2, &s.grad_h1, grads.post_norm);
-
-  // Attention block, backwards: h1 = x + attn Woᵀ, attn = attention(rope(q), rope(k), v),
-  // q/k/v = normed1 W{q,k,v}ᵀ.
-  linear_backward(tape.attn, layer.o_proj, s.grad_h1, &zeroed(s.grad_attn, rows, c.q_dim()),
-                  grads.linear_grad(Linear::o_proj));
-  causal_attention_backward(tape.q, tape.k, tape.v, s.grad_attn, c.num_heads, c.num_kv_heads, c.head_dim, shape,
-                            zeroed(s.grad_q, rows, c.q_dim()), zeroed(s.grad_k, rows, c.kv_dim()),
-                            zeroed(s.grad_v, rows, c.kv_dim()));
-  rope_backward(s.grad_q, c.num_heads, c.head_dim, rope, shape);
-  rope_backward(s.grad_k, c.num_kv_heads, c.head_dim, rope, shape);
-  zeroed(s.grad_normed1, rows, H);
-  linear_backward(tape.normed1, layer.q_proj, s.grad_q, &s.grad_normed1, grads.linear_grad(Linear::q_proj));
-  linear_backward(tape.normed1, layer.k_proj, s.grad_k, &s.grad_normed1, grads.linear_grad(Linear::k_proj));
-  linear_backward(tape.normed1, layer.v_proj, s.grad_v, &s.grad_normed1, grads.linear_grad(Linear::v_proj));
-  if (grad_input != nullptr) *grad_input = s.grad_h1;  // residual: x -> h1
-  rms_norm_backward(tape.input, layer.input_norm, tape.inv_rms1, s.grad_normed1, grad_input, grads.input_norm);
+  // Every linear trains: dX and dW.
+  const auto trained = [&](Linear which, const Matrix& x, const Matrix& grad_y, Matrix& grad_x) {
+    linear_backward(x, layer.linear(which), grad_y, &grad_x, grads.linear_grad(which));
+  };
+  decoder_layer_backward_with(c, layer, rope, shape, tape, tape.input, grad_output, trained, grads.post_norm,
+                              grads.input_norm, grad_input, scratch != nullptr ? *scratch : local);
 }
 
 // ---------------------------------------------------------------------------------------------

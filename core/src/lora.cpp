@@ -233,35 +233,16 @@ void LoraLayerStack::forward(int l, BatchShape shape, Matrix& hidden) {
 void LoraLayerStack::backward(int l, BatchShape shape, const Matrix& input, const Matrix& grad_output,
                               Matrix& grad_input) {
   if (grads_ == nullptr) throw Error("lora: backward needs a gradient buffer");
-  const auto& c = base_.config;
-  const auto& layer = base_.layers[static_cast<std::size_t>(l)];
-  const Index rows = shape.rows(), H = c.hidden_size, I = c.intermediate_size;
   forward_tape(l, shape, input, output_);
-  const auto& t = tape_;
-  auto& s = scratch_;
   // The adapters' tapes of q/k/v and gate/up are overwritten by the later linears of the same
-  // input, so the forward keeps one LinearTape per linear (linear_tape_[which]).
-  s.grad_h1 = grad_output;
-  adapted_backward(l, Linear::down_proj, t.act, grad_output, zeroed(s.grad_act, rows, I));
-  swiglu_backward(t.gate, t.up, s.grad_act, zeroed(s.grad_gate, rows, I), zeroed(s.grad_up, rows, I));
-  zeroed(s.grad_normed2, rows, H);
-  adapted_backward(l, Linear::gate_proj, t.normed2, s.grad_gate, s.grad_normed2);
-  adapted_backward(l, Linear::up_proj, t.normed2, s.grad_up, s.grad_normed2);
+  // input, so the forward keeps one LinearTape per linear (linear_tape_[which]). The norm weights
+  // are frozen: their gradients go to a buffer nobody reads.
+  const auto adapted = [&](Linear which, const Matrix& x, const Matrix& grad_y, Matrix& grad_x) {
+    adapted_backward(l, which, x, grad_y, grad_x);
+  };
   unused_norm_grad_.resize(0);
-  rms_norm_backward(t.h1, layer.post_norm, t.inv_rms2, s.grad_normed2, &s.grad_h1, unused_norm_grad_);
-  adapted_backward(l, Linear::o_proj, t.attn, s.grad_h1, zeroed(s.grad_attn, rows, c.q_dim()));
-  causal_attention_backward(t.q, t.k, t.v, s.grad_attn, c.num_heads, c.num_kv_heads, c.head_dim, shape,
-                            zeroed(s.grad_q, rows, c.q_dim()), zeroed(s.grad_k, rows, c.kv_dim()),
-                            zeroed(s.grad_v, rows, c.kv_dim()));
-  rope_backward(s.grad_q, c.num_heads, c.head_dim, rope_, shape);
-  rope_backward(s.grad_k, c.num_kv_heads, c.head_dim, rope_, shape);
-  zeroed(s.grad_normed1, rows, H);
-  adapted_backward(l, Linear::q_proj, t.normed1, s.grad_q, s.grad_normed1);
-  adapted_backward(l, Linear::k_proj, t.normed1, s.grad_k, s.grad_normed1);
-  adapted_backward(l, Linear::v_proj, t.normed1, s.grad_v, s.grad_normed1);
-  grad_input = s.grad_h1;
-  unused_norm_grad_.resize(0);
-  rms_norm_backward(input, layer.input_norm, t.inv_rms1, s.grad_normed1, &grad_input, unused_norm_grad_);
+  decoder_layer_backward_with(base_.config, base_.layers[static_cast<std::size_t>(l)], rope_, shape, tape_, input,
+                              grad_output, adapted, unused_norm_grad_, unused_norm_grad_, &grad_input, scratch_);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@
 //   is bit-identical for any number of threads.
 #include <array>
 #include <cstddef>
+#include <functional>
 #include <span>
 
 #include "ptqlab/forward.hpp"
@@ -120,6 +121,20 @@ struct DecoderLayerScratch {
 void decoder_layer_backward(const LlamaConfig& config, const DecoderLayer& layer, const RopeTable& rope,
                             BatchShape shape, const DecoderLayerTape& tape, const Matrix& grad_output,
                             DecoderLayerGrads& grads, Matrix* grad_input, DecoderLayerScratch* scratch = nullptr);
+
+// One linear's backward inside decoder_layer_backward_with: ADDS dL/dx of y = x Wᵀ (plus whatever
+// the caller adds to that linear) to grad_x and records the caller's parameter gradients.
+using LinearBackward = std::function<void(Linear which, const Matrix& x, const Matrix& grad_y, Matrix& grad_x)>;
+
+// The layer backward of decoder_layer_backward with each linear's backward supplied by the caller
+// (restorative LoRA: the frozen base plus its adapters) and the norm weights' gradients
+// accumulated into post_norm_grad / input_norm_grad. `input` is the layer input the tape was
+// recorded from; no shape checks beyond the ops' own.
+void decoder_layer_backward_with(const LlamaConfig& config, const DecoderLayer& layer, const RopeTable& rope,
+                                 BatchShape shape, const DecoderLayerTape& tape, const Matrix& input,
+                                 const Matrix& grad_output, const LinearBackward& linear_backward_of,
+                                 Vector& post_norm_grad, Vector& input_norm_grad, Matrix* grad_input,
+                                 DecoderLayerScratch& s);
 
 // ---------------------------------------------------------------------------------------------
 // Block-reconstruction losses (PTQ1.61 §5.1-5.2). Values are computed in double. When grad is
