@@ -193,6 +193,38 @@ TEST(Gptq, BitLedgerByHand) {
   EXPECT_DOUBLE_EQ(b.paper_per_weight(), 3.0);
 }
 
+TEST(Gptq, SharedFactorIsComputedOncePerInputAndGivesTheSameWeights) {
+  Eigen::MatrixXd H = random_hessian(40, 300, 14);
+  H.row(7).setZero();
+  H.col(7).setZero();  // a dead input: every linear reading it gets that column zeroed
+  InverseFactorCache factors;
+  const auto a = factors.get(0, H, 0.01, "layer 0 q_proj");
+  EXPECT_EQ(factors.get(0, H, 0.01, "layer 0 k_proj"), a);   // same input, same dampening: shared
+  EXPECT_NE(factors.get(0, H, 0.1, "layer 0 k_proj"), a);    // another dampening: its own
+  EXPECT_NE(factors.get(1, H, 0.01, "layer 0 o_proj"), a);   // another input: its own
+  EXPECT_EQ(factors.size(), 3u);
+  for (const std::string name : {"gptq", "pbllm", "billm"}) {
+    auto q = quantizer(name, {});
+    for (std::uint64_t seed : {15, 16}) {  // two linears on the same input
+      const Matrix w0 = random_weight(30, 40, seed);
+      Matrix own = w0, shared = w0;
+      run_with_hessian(*q, own, H);
+      LinearContext ctx;
+      ctx.hessian = [&H]() -> const Eigen::MatrixXd& { return H; };
+      ctx.inverse_factor = [&](double percdamp, const std::string& what) { return factors.get(0, H, percdamp, what); };
+      q->quantize_linear(ctx, shared);
+      EXPECT_EQ(own, shared) << name;
+      if (name == "gptq") EXPECT_TRUE(shared.col(7).isZero());  // binarizers map a zeroed column to ±α
+    }
+  }
+  EXPECT_EQ(factors.size(), 3u);  // all three quantizers used the cached 0.01 factor of input 0
+  // A cached factor of another width is an error naming the linear.
+  LinearContext ctx;
+  ctx.inverse_factor = [&](double percdamp, const std::string& what) { return factors.get(0, H, percdamp, what); };
+  Matrix narrow = random_weight(3, 20, 17);
+  EXPECT_THROW(inverse_hessian_factor(ctx, narrow, 0.01, "layer 0 v_proj"), Error);
+}
+
 TEST(Gptq, RowParallelLoopIsDeterministic) {
   const Matrix w0 = random_weight(300, 48, 12);
   const auto H = random_hessian(48, 300, 13);

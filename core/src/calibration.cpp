@@ -5,10 +5,13 @@
 #include <random>
 
 #include <fmt/format.h>
+#include <tbb/parallel_for.h>
+#include <tbb/partitioner.h>
 
 #include "ptqlab/error.hpp"
 #include "ptqlab/fault.hpp"
 #include "ptqlab/forward.hpp"
+#include "ptqlab/gptq.hpp"
 
 namespace ptqlab {
 
@@ -28,6 +31,46 @@ std::vector<std::vector<int>> draw_calibration_windows(const std::vector<int>& s
     w.assign(stream.begin() + static_cast<long>(s), stream.begin() + static_cast<long>(s) + seq_len);
   }
   return windows;
+}
+
+void accumulate_gram(const Matrix& x, Eigen::MatrixXd& sum) {
+  const Index n = x.cols();
+  if (sum.rows() != n || sum.cols() != n) throw std::logic_error("accumulate_gram: sum does not match x");
+  constexpr Index kTile = 256;
+  if (n <= kTile) {
+    Eigen::MatrixXf xtx(n, n);
+    xtx.noalias() = x.transpose() * x;
+    sum += xtx.cast<double>();
+    return;
+  }
+  const Index tiles = (n + kTile - 1) / kTile;
+  tbb::parallel_for(
+      tbb::blocked_range<Index>(0, tiles * (tiles + 1) / 2, 1),
+      [&](const tbb::blocked_range<Index>& r) {
+        Eigen::MatrixXf t(kTile, kTile);
+        for (Index task = r.begin(); task < r.end(); ++task) {
+          Index i = 0;
+          while ((i + 1) * (i + 2) / 2 <= task) ++i;
+          const Index j = task - i * (i + 1) / 2;
+          const Index i0 = i * kTile, j0 = j * kTile;
+          const Index ri = std::min(kTile, n - i0), rj = std::min(kTile, n - j0);
+          const auto xi = x.middleCols(i0, ri);
+          if (i == j) {
+            t.resize(ri, ri);
+            t.setZero();
+            t.selfadjointView<Eigen::Lower>().rankUpdate(xi.transpose());  // lower triangle only
+            auto s = sum.block(i0, i0, ri, ri);
+            s.triangularView<Eigen::Lower>() += t.cast<double>();
+            s.triangularView<Eigen::StrictlyUpper>() += t.transpose().cast<double>();
+          } else {
+            t.resize(ri, rj);
+            t.noalias() = xi.transpose() * x.middleCols(j0, rj);
+            sum.block(i0, j0, ri, rj) += t.cast<double>();
+            sum.block(j0, i0, rj, ri) += t.transpose().cast<double>();
+          }
+        }
+      },
+      tbb::simple_partitioner());
 }
 
 namespace {
@@ -62,9 +105,7 @@ class HessianObserver : public ForwardObserver {
   void on_linear_input(int, LinearInput which, const Matrix& x, BatchShape) override {
     auto& h = sum[static_cast<int>(which)];
     if (h.size() == 0) h = Eigen::MatrixXd::Zero(x.cols(), x.cols());
-    Eigen::MatrixXf xtx(x.cols(), x.cols());
-    xtx.noalias() = x.transpose() * x;
-    h += xtx.cast<double>();
+    accumulate_gram(x, h);
     if (which == LinearInput::attn_in) tokens += x.rows();
   }
 };
@@ -154,6 +195,8 @@ std::vector<LinearRecord> quantize_layerwise(LlamaModel& model, const std::vecto
     auto hessian_of = [&hess](Linear which) -> const Eigen::MatrixXd& {
       return hess.sum[static_cast<int>(input_of(which))];
     };
+    // One inverse-Hessian factor per input and dampening, shared by the layer's masks and linears.
+    InverseFactorCache factors;
 
     // 2. Masks, then quantization: linear by linear, or the whole layer at once.
     std::array<SalientMask, 7> masks;
@@ -168,6 +211,9 @@ std::vector<LinearRecord> quantize_layerwise(LlamaModel& model, const std::vecto
       ctx.log = options.log;
       ctx.log_prefix = fmt::format("layer{}/{}", l, linear_name(which));
       ctx.hessian = [&hessian_of, which]() -> const Eigen::MatrixXd& { return hessian_of(which); };
+      ctx.inverse_factor = [&factors, &hessian_of, which](double percdamp, const std::string& what) {
+        return factors.get(static_cast<int>(input_of(which)), hessian_of(which), percdamp, what);
+      };
       ctx.input_stats = [&stats_of, l, which]() -> const InputStats& { return stats_of(l, which); };
       return ctx;
     };

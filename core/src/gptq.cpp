@@ -2,12 +2,13 @@
 
 #include <cmath>
 
-#include <Eigen/Cholesky>
 #include <fmt/format.h>
 #include <tbb/parallel_for.h>
 #include <tbb/partitioner.h>
 
+#include "ptqlab/cholesky.hpp"
 #include "ptqlab/error.hpp"
+#include "ptqlab/plugin.hpp"
 
 namespace ptqlab {
 
@@ -27,32 +28,32 @@ BitCount uniform_grid_ledger(Index rows, Index cols, int bits, Index group_size,
 
 namespace {
 
-// L⁻¹ for lower-triangular L. Column j of L⁻¹ is zero above row j, so each chunk of columns is a
-// triangular solve on the trailing block only (n³/3 flops in all instead of n³), and the chunks
-// are independent: solved in parallel, with a fixed chunking (deterministic).
-Eigen::MatrixXd lower_triangular_inverse(const Eigen::MatrixXd& L) {
-  const Index n = L.rows();
-  Eigen::MatrixXd inv = Eigen::MatrixXd::Zero(n, n);
-  constexpr Index kChunk = 128;
-  tbb::parallel_for(
-      tbb::blocked_range<Index>(0, (n + kChunk - 1) / kChunk, 1),
-      [&](const tbb::blocked_range<Index>& r) {
-        for (Index c = r.begin(); c < r.end(); ++c) {
-          const Index c0 = c * kChunk, w = std::min(kChunk, n - c0), m = n - c0;
-          Eigen::MatrixXd rhs = Eigen::MatrixXd::Zero(m, w);
-          rhs.topRows(w).setIdentity();
-          L.bottomRightCorner(m, m).triangularView<Eigen::Lower>().solveInPlace(rhs);
-          inv.block(c0, c0, m, w) = rhs;
-        }
-      },
-      tbb::simple_partitioner());
-  return inv;
+// The upper Cholesky factor U of (H + shift I)⁻¹ in `Scalar`, into `u` (double); false when the
+// factorisation fails. With P the reversal permutation and P (H + shift I) P = L Lᵀ,
+// H⁻¹ = (P L⁻¹ P)ᵀ (P L⁻¹ P) and P L⁻¹ P is upper triangular with a positive diagonal, so by
+// uniqueness it is the upper Cholesky factor of H⁻¹. One factorisation and one triangular
+// inverse instead of GPTQ's chol -> cholesky_inverse -> chol (about half the flops).
+template <class Scalar>
+bool reversed_factor(const Eigen::MatrixXd& H, double shift, Index block, Eigen::MatrixXd& u) {
+  const Index n = H.rows();
+  DenseMatrix<Scalar> a(n, n);
+  for (Index j = 0; j < n; ++j)
+    for (Index i = 0; i < n; ++i) a(i, j) = static_cast<Scalar>(i == j ? H(n - 1 - i, n - 1 - j) + shift : H(n - 1 - i, n - 1 - j));
+  if (!cholesky_lower_in_place(a, block)) return false;
+  u = lower_triangular_inverse(a).template cast<double>().reverse();
+  u.triangularView<Eigen::StrictlyLower>().setZero();
+  return u.allFinite() && (u.diagonal().array() > 0).all();
 }
 
 }  // namespace
 
+FactorPrecision factor_precision_for(Index n, const FactorOptions& options) {
+  if (options.precision != FactorPrecision::automatic) return options.precision;
+  return n <= options.block ? FactorPrecision::float64 : FactorPrecision::float32;
+}
+
 InverseHessianFactor prepare_inverse_hessian(Eigen::MatrixXd H, Matrix& weight, double percdamp,
-                                             const std::string& what, int max_retries) {
+                                             const std::string& what, int max_retries, const FactorOptions& options) {
   const Index n = H.rows();
   if (H.cols() != n || weight.cols() != n)
     throw Error(fmt::format("{}: Hessian is {}x{} but the weight has {} inputs", what, H.rows(), H.cols(), weight.cols()));
@@ -66,31 +67,49 @@ InverseHessianFactor prepare_inverse_hessian(Eigen::MatrixXd H, Matrix& weight, 
     }
   }
   const double mean_diag = H.diagonal().mean();
+  const bool single = factor_precision_for(n, options) == FactorPrecision::float32;
   double damp = percdamp;
-  // U is computed without forming H⁻¹: with P the reversal permutation and P H P = L Lᵀ,
-  // H⁻¹ = (P L⁻¹ P)ᵀ (P L⁻¹ P) and P L⁻¹ P is upper triangular with a positive diagonal, so by
-  // uniqueness it is the upper Cholesky factor of H⁻¹. One factorisation and one triangular
-  // inverse instead of GPTQ's chol -> cholesky_inverse -> chol (about half the flops).
-  const Eigen::MatrixXd reversed = H.reverse();
   for (int attempt = 0; attempt <= max_retries; ++attempt) {
-    Eigen::MatrixXd Hd = reversed;
-    Hd.diagonal().array() += damp * mean_diag;
-    Eigen::LLT<Eigen::MatrixXd> llt(Hd);
-    if (llt.info() == Eigen::Success) {
-      const Eigen::MatrixXd L = llt.matrixL();
-      out.U = lower_triangular_inverse(L).reverse();
-      out.U.triangularView<Eigen::StrictlyLower>().setZero();
-      if (out.U.allFinite() && (out.U.diagonal().array() > 0).all()) {
-        out.percdamp = damp;
-        out.retries = attempt;
-        return out;
-      }
+    const bool ok = single ? reversed_factor<float>(H, damp * mean_diag, options.block, out.U)
+                           : reversed_factor<double>(H, damp * mean_diag, options.block, out.U);
+    if (ok) {
+      out.percdamp = damp;
+      out.retries = attempt;
+      return out;
     }
     damp = damp > 0 ? damp * 10.0 : 1e-6;
   }
   throw Error(fmt::format("{}: the Hessian is not positive definite even with dampening {} x mean(diag H) "
                           "(after {} increases): check the calibration data for this layer",
                           what, damp / 10.0, max_retries));
+}
+
+std::shared_ptr<const InverseHessianFactor> InverseFactorCache::get(int input, const Eigen::MatrixXd& H,
+                                                                  double percdamp, const std::string& what) {
+  auto& slot = factors_[{input, percdamp}];
+  if (!slot) {
+    Matrix no_rows(0, H.cols());  // only the factor is wanted here; callers zero their own columns
+    slot = std::make_shared<const InverseHessianFactor>(prepare_inverse_hessian(H, no_rows, percdamp, what));
+  }
+  return slot;
+}
+
+std::size_t InverseFactorCache::size() const {
+  return factors_.size();
+}
+
+std::shared_ptr<const InverseHessianFactor> inverse_hessian_factor(const LinearContext& ctx, Matrix& weight,
+                                                                   double percdamp, const std::string& what) {
+  if (!ctx.inverse_factor) {
+    if (!ctx.hessian) throw Error(what + ": this component needs the layer's Hessian");
+    return std::make_shared<const InverseHessianFactor>(prepare_inverse_hessian(ctx.hessian(), weight, percdamp, what));
+  }
+  auto factor = ctx.inverse_factor(percdamp, what);
+  if (factor->U.rows() != weight.cols())
+    throw Error(fmt::format("{}: Hessian is {}x{} but the weight has {} inputs", what, factor->U.rows(),
+                            factor->U.rows(), weight.cols()));
+  for (const Index j : factor->dead) weight.col(j).setZero();
+  return factor;
 }
 
 double gptq_column_loop(Matrix& weight, const Eigen::MatrixXd& U_double, int block_size,

@@ -138,14 +138,15 @@ inline void log_mask(const LinearContext& ctx, const SalientMask& m) {
 
 // The weight with dead input columns (H_jj == 0) zeroed and the factor U, exactly as
 // prepare_inverse_hessian does it before the PB-LLM/BiLLM code computes salience.
+// The factor is the layer's shared one when the engine offers it (inverse_hessian_factor).
 struct Prepared {
   Matrix weight;
-  InverseHessianFactor factor;
+  std::shared_ptr<const InverseHessianFactor> factor;
 };
 inline Prepared prepare(const LinearContext& ctx, const Matrix& weight, double percdamp) {
-  if (!ctx.hessian) throw Error(what(ctx) + ": this mask needs the layer's Hessian");
+  if (!ctx.hessian && !ctx.inverse_factor) throw Error(what(ctx) + ": this mask needs the layer's Hessian");
   Prepared p{weight, {}};
-  p.factor = prepare_inverse_hessian(ctx.hessian(), p.weight, percdamp, what(ctx));
+  p.factor = inverse_hessian_factor(ctx, p.weight, percdamp, what(ctx));
   return p;
 }
 

@@ -1,38 +1,46 @@
-// Per-layer quantization time of the Hessian-based quantizers at LLaMA-7B shapes (Google Benchmark).
+// Per-layer quantization time of the Hessian-based quantizers at LLaMA-7B shapes, next to the
+// kernels they are built from (Google Benchmark).
 //
-//   build/bin/bench_quantizers --benchmark_filter=gptq
+//   build/bin/bench_quantizers                                   everything (long)
+//   build/bin/bench_quantizers --benchmark_filter='Peak|Factor'   SGEMM peak and the factor
+//   build/bin/bench_quantizers --benchmark_filter='gptq_w2|Layer' GPTQ per linear, whole layer
 //
 // Shapes: 4096x4096 (q/k/v/o), 11008x4096 (gate/up) and 4096x11008 (down). The Hessian is
-// H = 2 XᵀX / n of synthetic correlated inputs (a random mixing of iid Gaussian features) with
+// H = 2 XᵀX / n of synthetic correlated inputs (each feature plus 0.3 x its neighbour) with
 // n = 16384 tokens: the 128 x 2048 tokens would take minutes of GEMM per benchmark setup
 // and do not change the quantizers' work (they see only H, whose size is fixed by the shape).
-// Each benchmark includes everything a quantizer does per linear: dampening, Cholesky and inverse,
-// the column loop.
+// Each per-linear benchmark includes everything a quantizer does per linear: dampening, Cholesky
+// and inverse, the column loop. Every benchmark reports real time and the process's CPU time;
+// the /threads:N variants cap TBB at N threads (CPU time flat in N: threads add no work).
+// Counters: GFLOP/s (multiply-add = 2 flops; the factor is n³/3 for the Cholesky plus n³/3 for the
+// triangular inverse).
 #include <benchmark/benchmark.h>
 
 #include <map>
 #include <random>
 
+#include <tbb/global_control.h>
+
+#include "ptqlab/calibration.hpp"
+#include "ptqlab/forward.hpp"
+#include "ptqlab/gptq.hpp"
 #include "ptqlab/plugin.hpp"
+#include "bench_support.hpp"
 
 namespace ptqlab {
 namespace {
+
+constexpr Eigen::Index kHessianTokens = 16384;
 
 const Eigen::MatrixXd& hessian(Eigen::Index cols) {
   static std::map<Eigen::Index, Eigen::MatrixXd> cache;
   auto it = cache.find(cols);
   if (it != cache.end()) return it->second;
-  constexpr Eigen::Index kTokens = 16384;
-  std::mt19937_64 rng(cols);
-  std::normal_distribution<float> d(0.0f, 1.0f);
-  Eigen::MatrixXf z(kTokens, cols);
-  for (Eigen::Index i = 0; i < z.size(); ++i) z.data()[i] = d(rng);
-  // Correlate features: x = z (I + 0.1 B) with B sparse-ish random, cheap to apply.
-  Eigen::MatrixXf x = z;
-  for (Eigen::Index j = 1; j < cols; ++j) x.col(j) += 0.3f * z.col(j - 1);
-  Eigen::MatrixXf xtx(cols, cols);
-  xtx.noalias() = x.transpose() * x;
-  return cache[cols] = (2.0 * xtx.cast<double>() / static_cast<double>(kTokens));
+  Matrix x = bench::random_matrix(kHessianTokens, cols, 1.0f, static_cast<std::uint64_t>(cols));
+  for (Eigen::Index j = cols - 1; j >= 1; --j) x.col(j) += 0.3f * x.col(j - 1);
+  Eigen::MatrixXd h = Eigen::MatrixXd::Zero(cols, cols);
+  accumulate_gram(x, h);
+  return cache[cols] = (2.0 * h / static_cast<double>(kHessianTokens));
 }
 
 PluginRegistry& registry() {
@@ -42,19 +50,70 @@ PluginRegistry& registry() {
   return r;
 }
 
+std::shared_ptr<Quantizer> make(const std::string& name, const std::map<std::string, ParamValue>& params) {
+  const auto* schema = registry().find(ComponentKind::quantizer, name);
+  return schema == nullptr ? nullptr : registry().make_quantizer(name, Params::resolve(*schema, params));
+}
+
+// The thread cap of a benchmark: range(2) when given (0 or absent: TBB's default).
+std::unique_ptr<tbb::global_control> thread_cap(const benchmark::State& state, int index) {
+  if (state.range(index) <= 0) return nullptr;
+  return std::make_unique<tbb::global_control>(tbb::global_control::max_allowed_parallelism, state.range(index));
+}
+
+// The project's tiled SGEMM (linear_forward) at 4096³: the peak the factor is judged against.
+void BM_SgemmPeak(benchmark::State& state) {
+  const auto cap = thread_cap(state, 1);
+  const auto n = state.range(0);
+  const Matrix a = bench::random_matrix(n, n, 1.0f, 1), b = bench::random_matrix(n, n, 1.0f, 2);
+  Matrix c;
+  linear_forward(a, b, c);  // warm-up
+  for (auto _ : state) {
+    linear_forward(a, b, c);
+    benchmark::DoNotOptimize(c.data());
+  }
+  state.counters["GFLOP/s"] =
+      benchmark::Counter(2.0 * n * n * n * state.iterations() / 1e9, benchmark::Counter::kIsRate);
+}
+
+// The inverse-Hessian factor alone (prepare_inverse_hessian), in each precision.
+void BM_Factor(benchmark::State& state, FactorPrecision precision) {
+  const auto cap = thread_cap(state, 1);
+  const auto n = state.range(0);
+  const Eigen::MatrixXd& H = hessian(n);
+  Matrix w(0, n);
+  for (auto _ : state) {
+    auto f = prepare_inverse_hessian(H, w, 0.01, "bench", 6, {precision, kFactorBlock});
+    benchmark::DoNotOptimize(f.U.data());
+  }
+  const double flops = 2.0 * static_cast<double>(n) * n * n / 3.0;
+  state.counters["GFLOP/s"] = benchmark::Counter(flops * state.iterations() / 1e9, benchmark::Counter::kIsRate);
+}
+
+// The Hessian accumulation of one 4096-token batch (accumulate_gram; syrk flops n² tokens).
+void BM_Gram(benchmark::State& state) {
+  const auto cap = thread_cap(state, 1);
+  const auto n = state.range(0);
+  const Matrix x = bench::random_matrix(4096, n, 1.0f, 3);
+  Eigen::MatrixXd sum = Eigen::MatrixXd::Zero(n, n);
+  for (auto _ : state) {
+    accumulate_gram(x, sum);
+    benchmark::DoNotOptimize(sum.data());
+  }
+  state.counters["GFLOP/s"] =
+      benchmark::Counter(4096.0 * n * n * state.iterations() / 1e9, benchmark::Counter::kIsRate);
+}
+
 void BM_Quantize(benchmark::State& state, const std::string& name, std::map<std::string, ParamValue> params) {
   const auto rows = state.range(0), cols = state.range(1);
-  const auto* schema = registry().find(ComponentKind::quantizer, name);
-  if (schema == nullptr) {
+  const auto cap = thread_cap(state, 2);
+  auto q = make(name, params);
+  if (q == nullptr) {
     state.SkipWithError(("quantizer '" + name + "' is not built").c_str());
     return;
   }
-  auto q = registry().make_quantizer(name, Params::resolve(*schema, params));
   const Eigen::MatrixXd& H = hessian(cols);
-  std::mt19937_64 rng(1);
-  std::normal_distribution<float> d(0.0f, 0.02f);
-  Matrix w0(rows, cols);
-  for (Eigen::Index i = 0; i < w0.size(); ++i) w0.data()[i] = d(rng);
+  const Matrix w0 = bench::random_matrix(rows, cols, 0.02f, 1);
   LinearContext ctx;
   ctx.hessian = [&H]() -> const Eigen::MatrixXd& { return H; };
   for (auto _ : state) {
@@ -67,17 +126,66 @@ void BM_Quantize(benchmark::State& state, const std::string& name, std::map<std:
   state.counters["weights"] = static_cast<double>(rows * cols);
 }
 
-void shapes(benchmark::internal::Benchmark* b) {
-  b->Args({4096, 4096})->Args({11008, 4096})->Args({4096, 11008});
-  b->Unit(benchmark::kSecond)->UseRealTime()->Iterations(1);
+// One LLaMA-7B decoder layer, its 7 linears quantized with GPTQ w2 as the calibration engine does
+// it (Hessians given; one factor per input shared through an InverseFactorCache).
+void BM_Layer7B_gptq_w2(benchmark::State& state) {
+  const auto cap = thread_cap(state, 0);
+  auto q = make("gptq", {{"bits", std::int64_t{2}}});
+  const auto c = bench::llama7b_config(1, 32);
+  std::array<Matrix, 7> w0;
+  for (std::size_t i = 0; i < kAllLinears.size(); ++i) {
+    const Linear which = kAllLinears[i];
+    const bool down = which == Linear::down_proj, up = which == Linear::gate_proj || which == Linear::up_proj;
+    w0[i] = bench::random_matrix(up ? c.intermediate_size : c.hidden_size, down ? c.intermediate_size : c.hidden_size,
+                                 0.02f, 10 + i);
+  }
+  // Distinct inputs get distinct Hessians of their size (attn_in, o_in and mlp_in are 4096-wide).
+  auto H_of = [](Linear which) -> const Eigen::MatrixXd& { return hessian(which == Linear::down_proj ? 11008 : 4096); };
+  for (auto _ : state) {
+    state.PauseTiming();
+    std::array<Matrix, 7> w = w0;
+    InverseFactorCache factors;
+    state.ResumeTiming();
+    for (std::size_t i = 0; i < kAllLinears.size(); ++i) {
+      const Linear which = kAllLinears[i];
+      LinearContext ctx;
+      ctx.which = which;
+      ctx.hessian = [&H_of, which]() -> const Eigen::MatrixXd& { return H_of(which); };
+      ctx.inverse_factor = [&](double percdamp, const std::string& what) {
+        return factors.get(static_cast<int>(input_of(which)), H_of(which), percdamp, what);
+      };
+      q->quantize_linear(ctx, w[i]);
+    }
+    benchmark::DoNotOptimize(w[0].data());
+    state.counters["factorisations"] = static_cast<double>(factors.size());
+  }
 }
 
+void shapes(benchmark::internal::Benchmark* b) {
+  b->Args({4096, 4096, 0})->Args({11008, 4096, 0})->Args({4096, 11008, 0});
+  b->Unit(benchmark::kSecond)->UseRealTime()->MeasureProcessCPUTime()->Iterations(1);
+}
+void per_thread_count(benchmark::internal::Benchmark* b) {
+  b->Args({4096, 11008, 1})->Args({4096, 11008, 2});
+  b->Unit(benchmark::kSecond)->UseRealTime()->MeasureProcessCPUTime()->Iterations(1);
+}
+void sizes(benchmark::internal::Benchmark* b) {
+  b->Args({4096, 0})->Args({11008, 0})->Args({4096, 1})->Args({4096, 2});
+  b->Unit(benchmark::kSecond)->UseRealTime()->MeasureProcessCPUTime()->Iterations(1);
+}
+
+BENCHMARK(BM_SgemmPeak)->Args({4096, 0})->Args({4096, 1})->Unit(benchmark::kSecond)->UseRealTime()->MeasureProcessCPUTime()->Iterations(3);
+BENCHMARK_CAPTURE(BM_Factor, float32, FactorPrecision::float32)->Apply(sizes);
+BENCHMARK_CAPTURE(BM_Factor, float64, FactorPrecision::float64)->Apply(sizes);
+BENCHMARK(BM_Gram)->Args({4096, 0})->Args({11008, 0})->Unit(benchmark::kSecond)->UseRealTime()->MeasureProcessCPUTime()->Iterations(1);
 BENCHMARK_CAPTURE(BM_Quantize, rtn_w2, std::string("rtn"), {{"bits", std::int64_t{2}}})->Apply(shapes);
 BENCHMARK_CAPTURE(BM_Quantize, gptq_w2, std::string("gptq"), {{"bits", std::int64_t{2}}})->Apply(shapes);
+BENCHMARK_CAPTURE(BM_Quantize, gptq_w2_threads, std::string("gptq"), {{"bits", std::int64_t{2}}})->Apply(per_thread_count);
 BENCHMARK_CAPTURE(BM_Quantize, gptq_w3_g128, std::string("gptq"),
                   {{"bits", std::int64_t{3}}, {"group_size", std::int64_t{128}}})->Apply(shapes);
 BENCHMARK_CAPTURE(BM_Quantize, pbllm, std::string("pbllm"), {})->Apply(shapes);
 BENCHMARK_CAPTURE(BM_Quantize, billm, std::string("billm"), {})->Apply(shapes);
+BENCHMARK(BM_Layer7B_gptq_w2)->Arg(0)->Unit(benchmark::kSecond)->UseRealTime()->MeasureProcessCPUTime()->Iterations(1);
 
 }  // namespace
 }  // namespace ptqlab

@@ -30,6 +30,12 @@ std::vector<std::vector<int>> draw_calibration_windows(const std::vector<int>& s
 using ModelInputStats = std::vector<std::array<InputStats, 4>>;
 ModelInputStats collect_input_stats(const LlamaModel& fp_model, const std::vector<std::vector<int>>& windows);
 
+// sum += xᵀx for x = [tokens, n] (float products, double accumulation): the Hessian accumulation.
+// Up to 256 inputs one Eigen GEMM; above, the lower triangle in fixed 256 x 256 tiles run in
+// parallel (symmetric rank-k updates on the diagonal tiles, half the flops of a general GEMM),
+// mirrored to the upper triangle. The tiling never depends on the thread count.
+void accumulate_gram(const Matrix& x, Eigen::MatrixXd& sum);
+
 struct LayerwiseOptions {
   Quantizer* quantizer = nullptr;
   Mask* mask = nullptr;                            // optional

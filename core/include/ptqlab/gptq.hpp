@@ -3,6 +3,7 @@
 // the preparation of the inverse-Hessian factor, and GPTQ's column loop with lazy block updates.
 // GPTQ, PB-LLM and BiLLM plugins are built from these pieces.
 #include <functional>
+#include <map>
 #include <memory>
 #include <string>
 #include <vector>
@@ -10,6 +11,7 @@
 #include <Eigen/Core>
 
 #include "ptqlab/bits.hpp"
+#include "ptqlab/cholesky.hpp"
 #include "ptqlab/model.hpp"
 
 namespace ptqlab {
@@ -39,11 +41,24 @@ struct UniformGrid {
 // integer zero point per grid unless symmetric; papers quote "W<b>" (paper = payload).
 BitCount uniform_grid_ledger(Eigen::Index rows, Eigen::Index cols, int bits, Eigen::Index group_size, bool symmetric);
 
+// The precision of the inverse-Hessian factor (docs/methods/gptq.md, "Numerics of the factor").
+// automatic: float64 when the Hessian has at most FactorOptions::block inputs (one unblocked Eigen
+// factorisation; costs nothing at that size), float32 above (the blocked parallel kernels at twice
+// the float64 throughput; the precision the reference implementations use, torch float32).
+enum class FactorPrecision { automatic, float64, float32 };
+struct FactorOptions {
+  FactorPrecision precision = FactorPrecision::automatic;
+  Eigen::Index block = kFactorBlock;  // tile size of the blocked kernels (ptqlab/cholesky.hpp)
+};
+// The precision `automatic` resolves to for an n-input Hessian (the others resolve to themselves).
+FactorPrecision factor_precision_for(Eigen::Index n, const FactorOptions& options = {});
+
 // The upper Cholesky factor U of H⁻¹ (H⁻¹ = UᵀU), prepared as GPTQ does (§1.3):
 //   dead inputs (H_jj == 0) get H_jj = 1 and their weight columns are zeroed;
 //   λ = percdamp · mean(diag H) is added to the diagonal;
-//   U = the upper Cholesky factor of H⁻¹, in double (computed from one factorisation of the
-//       reversed H, see gptq.cpp; equal to GPTQ's chol -> cholesky_inverse -> chol).
+//   U = the upper Cholesky factor of H⁻¹ (computed from one blocked, parallel factorisation of the
+//       reversed H, see gptq.cpp; equal to GPTQ's chol -> cholesky_inverse -> chol), returned in
+//       double whatever the precision it was computed in (FactorOptions).
 // When a factorisation fails (H not positive definite), the dampening is multiplied by 10 and the
 // factorisation retried, up to `max_retries` times; then a ptqlab::Error names `what`.
 struct InverseHessianFactor {
@@ -53,7 +68,31 @@ struct InverseHessianFactor {
   std::vector<Eigen::Index> dead;   // input columns with H_jj == 0
 };
 InverseHessianFactor prepare_inverse_hessian(Eigen::MatrixXd H, Matrix& weight, double percdamp,
-                                             const std::string& what, int max_retries = 6);
+                                             const std::string& what, int max_retries = 6,
+                                             const FactorOptions& options = {});
+
+struct LinearContext;
+
+// The factors of one decoder layer's inputs, each computed on first request for an (input,
+// dampening) pair and then shared: 4 factorisations per layer instead of one per linear. Not
+// thread-safe: the engine quantizes a layer's linears one after another.
+class InverseFactorCache {
+ public:
+  // prepare_inverse_hessian(H, ..., percdamp, what) for input `input`, or the one already computed.
+  std::shared_ptr<const InverseHessianFactor> get(int input, const Eigen::MatrixXd& H, double percdamp,
+                                                  const std::string& what);
+  std::size_t size() const;
+
+ private:
+  std::map<std::pair<int, double>, std::shared_ptr<const InverseHessianFactor>> factors_;
+};
+
+// The factor a linear's quantizer or mask uses at `percdamp`: the layer's shared one when the
+// engine offers it (ctx.inverse_factor), else prepare_inverse_hessian on ctx.hessian(). Either way
+// `weight`'s dead input columns are zeroed, exactly as prepare_inverse_hessian does. Components
+// whose Hessian is their own (act-order's permuted one) call prepare_inverse_hessian instead.
+std::shared_ptr<const InverseHessianFactor> inverse_hessian_factor(const LinearContext& ctx, Matrix& weight,
+                                                                   double percdamp, const std::string& what);
 
 // Quantizes one column inside GPTQ's loop. One instance per chunk of rows (rows are independent
 // given U, so the loop runs row chunks in parallel); it may keep per-row state such as grids.

@@ -25,11 +25,12 @@
 #include "ptqlab/model.hpp"
 #include "ptqlab/params.hpp"
 
-#define PTQLAB_PLUGIN_ABI_VERSION 3
+#define PTQLAB_PLUGIN_ABI_VERSION 4
 
 namespace ptqlab {
 
 class Tokenizer;
+struct InverseHessianFactor;
 
 // What must match between ptqlab and a plugin, compiled into each side (inline on purpose: the
 // plugin's copy reflects the headers and compiler it was built with).
@@ -92,6 +93,11 @@ struct LinearContext {
   std::uint64_t seed = 0;
   std::function<const InputStats&()> input_stats;   // statistics of this linear's input
   std::function<const Eigen::MatrixXd&()> hessian;  // H = 2 X Xᵀ / n over calibration tokens, [in, in]
+  // The inverse-Hessian factor of this linear's input at a dampening, computed once per input and
+  // dampening and shared by the linears (and masks) of the layer that read that input: q/k/v,
+  // gate/up. Empty: the engine offers none. Components call inverse_hessian_factor (gptq.hpp),
+  // which falls back to computing the factor from `hessian`.
+  std::function<std::shared_ptr<const InverseHessianFactor>(double percdamp, const std::string& what)> inverse_factor;
   const SalientMask* mask = nullptr;                // from the arm's mask component, if any
   TensorLog* log = nullptr;
   std::string log_prefix;  // e.g. "layer3/q_proj"

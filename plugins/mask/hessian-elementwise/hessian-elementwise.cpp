@@ -28,7 +28,7 @@ class HessianElementwiseMask : public ptqlab::Mask {
   ptqlab::SalientMask select(const ptqlab::LinearContext& ctx, const ptqlab::Matrix& weight) override {
     const auto prepared = ptqlab::salience::prepare(ctx, weight, percdamp_);
     const auto scores =
-        ptqlab::salience::element_scores(prepared.weight, ptqlab::salience::inverse_u_diag_squared(prepared.factor.U));
+        ptqlab::salience::element_scores(prepared.weight, ptqlab::salience::inverse_u_diag_squared(prepared.factor->U));
     auto mask = ptqlab::salience::threshold_mask(scores, 1.0 - ratio_, group_);
     mask.storage_bits = ptqlab::salience::storage_bits(mask, encoding_);
     ptqlab::salience::log_mask(ctx, mask);

@@ -37,7 +37,7 @@ class HessianSalienceMask : public ptqlab::Mask {
 
   ptqlab::SalientMask select(const ptqlab::LinearContext& ctx, const ptqlab::Matrix& weight) override {
     const auto prepared = ptqlab::salience::prepare(ctx, weight, percdamp_);
-    const Eigen::VectorXd inv_u2 = ptqlab::salience::inverse_u_diag_squared(prepared.factor.U);
+    const Eigen::VectorXd inv_u2 = ptqlab::salience::inverse_u_diag_squared(prepared.factor->U);
     const Index cols = weight.cols();
     Eigen::VectorXd score(cols);
     for (Index j = 0; j < cols; ++j)

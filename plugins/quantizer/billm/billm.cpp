@@ -53,7 +53,8 @@ class Billm : public ptqlab::Quantizer {
   ptqlab::BitCount quantize_linear(const ptqlab::LinearContext& ctx, ptqlab::Matrix& w) override {
     const std::string what = fmt::format("layer {} {}", ctx.layer, ptqlab::linear_name(ctx.which));
     if (!ctx.hessian) throw ptqlab::Error(what + ": billm needs the calibration Hessian");
-    const auto factor = ptqlab::prepare_inverse_hessian(ctx.hessian(), w, percdamp_, what);
+    const auto factor_ptr = ptqlab::inverse_hessian_factor(ctx, w, percdamp_, what);  // shared by q/k/v, gate/up
+    const auto& factor = *factor_ptr;
     if (ctx.log != nullptr && factor.retries > 0) ctx.log->series(ctx.log_prefix + "/percdamp", {factor.percdamp});
     const auto blocks = billm::quantize_weight(w, factor.U, opts_);
 

@@ -48,9 +48,10 @@ class Gptq : public ptqlab::Quantizer {
 
   ptqlab::BitCount quantize_linear(const ptqlab::LinearContext& ctx, ptqlab::Matrix& w) override {
     const std::string what = fmt::format("layer {} {}", ctx.layer, ptqlab::linear_name(ctx.which));
-    Eigen::MatrixXd H = ctx.hessian();
     std::vector<Index> order;
     if (act_order_) {
+      // The permuted Hessian is this linear's own: its factor is not shared.
+      Eigen::MatrixXd H = ctx.hessian();
       // Columns by descending diag(H) (stable, so ties keep their index order).
       order.resize(w.cols());
       std::iota(order.begin(), order.end(), 0);
@@ -67,9 +68,9 @@ class Gptq : public ptqlab::Quantizer {
       record(ctx, factor);
       run(w, factor.U, order);
     } else {
-      const auto factor = ptqlab::prepare_inverse_hessian(std::move(H), w, percdamp_, what);
-      record(ctx, factor);
-      run(w, factor.U, order);
+      const auto factor = ptqlab::inverse_hessian_factor(ctx, w, percdamp_, what);  // shared by q/k/v, gate/up
+      record(ctx, *factor);
+      run(w, factor->U, order);
     }
 
     return ledger(w.rows(), w.cols());

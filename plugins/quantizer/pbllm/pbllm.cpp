@@ -87,7 +87,8 @@ class PbLlm : public ptqlab::Quantizer {
     grid.fit(w);
 
     if (!ctx.hessian) throw ptqlab::Error(what + ": pbllm needs the layer's Hessian");
-    const auto factor = ptqlab::prepare_inverse_hessian(ctx.hessian(), w, percdamp_, what);  // zeroes dead columns
+    const auto factor_ptr = ptqlab::inverse_hessian_factor(ctx, w, percdamp_, what);  // zeroes dead columns
+    const auto& factor = *factor_ptr;
     if (ctx.log != nullptr && factor.retries > 0) ctx.log->series(ctx.log_prefix + "/percdamp", {factor.percdamp});
 
     // The salient mask: the arm's, or PB-LLM's own from the weights as they are now.
