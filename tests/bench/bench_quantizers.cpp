@@ -76,14 +76,16 @@ void BM_SgemmPeak(benchmark::State& state) {
       benchmark::Counter(2.0 * n * n * n * state.iterations() / 1e9, benchmark::Counter::kIsRate);
 }
 
-// The inverse-Hessian factor alone (prepare_inverse_hessian), in each precision.
-void BM_Factor(benchmark::State& state, FactorPrecision precision) {
+// The inverse-Hessian factor alone (prepare_inverse_hessian), in each precision. `unblocked`: one
+// tile as large as H, i.e. Eigen's serial LLT then the chunked parallel triangular inverse: the
+// algorithm ptqlab used before the blocked kernels, for a side-by-side baseline.
+void BM_Factor(benchmark::State& state, FactorPrecision precision, bool unblocked) {
   const auto cap = thread_cap(state, 1);
   const auto n = state.range(0);
   const Eigen::MatrixXd& H = hessian(n);
   Matrix w(0, n);
   for (auto _ : state) {
-    auto f = prepare_inverse_hessian(H, w, 0.01, "bench", 6, {precision, kFactorBlock});
+    auto f = prepare_inverse_hessian(H, w, 0.01, "bench", 6, {precision, unblocked ? n : kFactorBlock});
     benchmark::DoNotOptimize(f.U.data());
   }
   const double flops = 2.0 * static_cast<double>(n) * n * n / 3.0;
@@ -175,8 +177,10 @@ void sizes(benchmark::internal::Benchmark* b) {
 }
 
 BENCHMARK(BM_SgemmPeak)->Args({4096, 0})->Args({4096, 1})->Unit(benchmark::kSecond)->UseRealTime()->MeasureProcessCPUTime()->Iterations(3);
-BENCHMARK_CAPTURE(BM_Factor, float32, FactorPrecision::float32)->Apply(sizes);
-BENCHMARK_CAPTURE(BM_Factor, float64, FactorPrecision::float64)->Apply(sizes);
+BENCHMARK_CAPTURE(BM_Factor, float32, FactorPrecision::float32, false)->Apply(sizes);
+BENCHMARK_CAPTURE(BM_Factor, float64, FactorPrecision::float64, false)->Apply(sizes);
+BENCHMARK_CAPTURE(BM_Factor, float64_unblocked_before, FactorPrecision::float64, true)
+    ->Args({4096, 0})->Args({11008, 0})->Unit(benchmark::kSecond)->UseRealTime()->MeasureProcessCPUTime()->Iterations(1);
 BENCHMARK(BM_Gram)->Args({4096, 0})->Args({11008, 0})->Unit(benchmark::kSecond)->UseRealTime()->MeasureProcessCPUTime()->Iterations(1);
 BENCHMARK_CAPTURE(BM_Quantize, rtn_w2, std::string("rtn"), {{"bits", std::int64_t{2}}})->Apply(shapes);
 BENCHMARK_CAPTURE(BM_Quantize, gptq_w2, std::string("gptq"), {{"bits", std::int64_t{2}}})->Apply(shapes);
