@@ -446,6 +446,101 @@ TEST(Billm, BlockIsTheBinarizerWithTheSearchedMasksAndErrorsFlowThroughDiagU) {
   }
 }
 
+// ---- values of the reference code (issue 19) -------------------------------------------------------
+// Expected values below were produced by running the reference code (Aaronhuang-778/BiLLM,
+// BRAGPTQ.fasterquant with `braq`, hessian salience, percdamp 0.01; torch 1.13 CPU, float32) on the
+// same W and H (docs/methods/billm.md, "Check against the reference code"). Blocks narrower than
+// 50 columns need the k range clamped to the block (the code's topk(·, 50) fails there); the code
+// was run with that clamp, which is ours.
+
+// A tridiagonal Hessian: diagonal 2 + (j mod 3) + step·j, off-diagonal 0.5.
+Eigen::MatrixXd tridiagonal_hessian(Index n, double step) {
+  Eigen::MatrixXd H = Eigen::MatrixXd::Zero(n, n);
+  for (Index j = 0; j < n; ++j) H(j, j) = 2.0 + static_cast<double>(j % 3) + step * static_cast<double>(j);
+  for (Index j = 0; j + 1 < n; ++j) H(j, j + 1) = H(j + 1, j) = 0.5;
+  return H;
+}
+
+std::vector<Index> salient_of(const billm::BlockRecord& r) {
+  std::vector<Index> out;
+  for (std::size_t j = 0; j < r.salient_columns.size(); ++j)
+    if (r.salient_columns[j] != 0) out.push_back(r.b0 + static_cast<Index>(j));
+  return out;
+}
+
+TEST(BillmReference, SmallBlocksGiveTheReferenceCodesWeights) {
+  // 4 × 21, blocks of 8, 8 and 5 columns (a narrow tail like stories260K's down_proj);
+  // w_rj = (((7r + 5j² + 3) mod 17) − 8) / 8.
+  const Index rows = 4, cols = 21;
+  Matrix w(rows, cols);
+  for (Index r = 0; r < rows; ++r)
+    for (Index j = 0; j < cols; ++j) w(r, j) = static_cast<float>(((7 * r + 5 * j * j + 3) % 17) - 8) / 8.0f;
+  const auto factor = prepare_inverse_hessian(tridiagonal_hessian(cols, 0.0), w, 0.01, "test");
+  auto o = billm::defaults(billm::Mode::faithful);
+  o.block_size = 8;
+  const auto records = billm::quantize_weight(w, factor.U, o);
+  ASSERT_EQ(records.size(), 3u);
+  // Salient columns chosen by the reference in each block.
+  EXPECT_EQ(salient_of(records[0]), (std::vector<Index>{4, 5, 6, 7}));
+  EXPECT_EQ(salient_of(records[1]), (std::vector<Index>{8, 11, 13, 14}));
+  EXPECT_EQ(salient_of(records[2]), (std::vector<Index>{17, 20}));
+  // Block 0 by hand. The non-salient groups hold at most 2 values per row (exact: μ the mean,
+  // α half the gap). Row 0's salient values 0.875, 0.125, 0.625, 0.25: μ₁ = 0.46875, α₁ = 0.28125,
+  // q₁ = 0.75, 0.1875, 0.75, 0.1875; residual 0.125, −0.0625, −0.125, 0.0625: μ₂ = 0,
+  // α₂ = 0.09375; q = 0.84375, 0.09375, 0.65625, 0.28125.
+  const float expected[rows][cols] = {
+      {-0.625f, 0.0f, -0.25f, 0.75f, 0.84375f, 0.09375f, 0.65625f, 0.28125f, -0.846524656f, -0.999183238f,
+       0.236032084f, 0.468363822f, 0.236032084f, 0.812500298f, 0.812500298f, -0.152793571f, 0.0201998502f,
+       -0.623309493f, 0.0201998502f, -0.195901483f, 0.74999094f},
+      {0.25f, 0.875f, 0.625f, -0.5f, -0.3125f, 0.9375f, -0.8125f, -0.8125f, -0.177053407f, -0.117884725f,
+       -1.00119948f, -0.649211109f, 0.999960423f, -0.350628555f, -0.475635946f, 0.625000238f, 0.875926018f,
+       0.249881312f, 0.875030518f, 0.624994874f, -0.499999374f},
+      {-1.0f, -0.375f, -0.625f, 0.375f, 0.46875f, -0.28125f, 0.28125f, -0.09375f, 0.71636194f, 0.750816762f,
+       -0.138967901f, 0.219558001f, -0.138967901f, 0.530460417f, 0.405459523f, -0.527793527f, -0.355911583f,
+       -0.998061538f, -0.355911583f, -0.571115136f, 0.374989599f},
+      {-0.125f, 0.5f, 0.25f, -0.875f, -0.78125f, 0.59375f, -0.96875f, 0.78125f, -0.53363812f, -0.291031897f,
+       0.749862313f, -1.030442f, 0.541573405f, -0.719539642f, -0.844540477f, 0.541573405f, 0.500160098f,
+       -0.118838891f, 0.500160098f, 0.300245434f, -0.875033081f}};
+  // The reference's U is float32, ours double: agreement to float rounding, not bit for bit.
+  for (Index r = 0; r < rows; ++r)
+    for (Index j = 0; j < cols; ++j) EXPECT_NEAR(w(r, j), expected[r][j], 1e-6) << r << ", " << j;
+}
+
+TEST(BillmReference, WideBlocksGiveTheReferenceCodesDecisionsAndWeights) {
+  // 3 × 128 in two blocks of 64 (wide enough for the code's 1 … 49 search, run unmodified);
+  // w_rj = 0.5 sin(1.3r + 0.7j + 0.1j²).
+  const Index rows = 3, cols = 128;
+  Matrix w(rows, cols);
+  for (Index r = 0; r < rows; ++r)
+    for (Index j = 0; j < cols; ++j) {
+      const double x = 1.3 * static_cast<double>(r) + 0.7 * static_cast<double>(j) + 0.1 * static_cast<double>(j * j);
+      w(r, j) = static_cast<float>(0.5 * std::sin(x));
+    }
+  const auto factor = prepare_inverse_hessian(tridiagonal_hessian(cols, 0.01), w, 0.01, "test");
+  auto o = billm::defaults(billm::Mode::faithful);
+  o.block_size = 64;
+  const auto records = billm::quantize_weight(w, factor.U, o);
+  ASSERT_EQ(records.size(), 2u);
+  EXPECT_EQ(salient_of(records[0]), (std::vector<Index>{2, 8, 14, 26, 32, 35, 38, 41, 44, 46, 47, 50, 52, 55, 56}));
+  EXPECT_EQ(records[1].salient, 42);
+  double sum = 0, sumsq = 0, abs = 0;
+  for (Index i = 0; i < w.size(); ++i) {
+    const double q = w.data()[i];
+    sum += q;
+    sumsq += q * q;
+    abs += std::fabs(q);
+  }
+  EXPECT_NEAR(sum, 7.71202107, 1e-5);
+  EXPECT_NEAR(sumsq, 48.1688112, 1e-5);
+  EXPECT_NEAR(abs, 124.774900, 1e-5);
+  EXPECT_NEAR(w(0, 0), 0.164631873f, 1e-6);
+  EXPECT_NEAR(w(1, 37), 0.21258384f, 1e-6);
+  EXPECT_NEAR(w(2, 63), -0.202687159f, 1e-6);
+  EXPECT_NEAR(w(0, 64), 0.457316995f, 1e-6);
+  EXPECT_NEAR(w(1, 100), -0.110254005f, 1e-6);
+  EXPECT_NEAR(w(2, 127), 0.488435984f, 1e-6);
+}
+
 TEST(Billm, PaperModeIsEveryItemSwitchedToThePaper) {
   const Matrix w0 = random_matrix(50, 200, 95);
   const auto H = random_hessian(200, 500, 96);
@@ -516,6 +611,24 @@ TEST(Billm, SalientColumnsAndBreakpointsAreLogged) {
     EXPECT_EQ(bits.payload, expected.payload);
     EXPECT_EQ(bits.all_in(), expected.all_in());
   }
+}
+
+TEST(Billm, LogInputsLogsTheIncomingWeightHessianAndResult) {
+  const Matrix w0 = random_matrix(6, 20, 82);
+  const auto H = random_hessian(20, 60, 83);
+  CaptureLog log;
+  Matrix w = w0;
+  run_with_hessian(*billm_quantizer({{"log_inputs", true}}), w, H, &log);
+  ASSERT_TRUE(log.tensors.count("lin/weight_in"));
+  ASSERT_TRUE(log.tensors.count("lin/hessian"));
+  EXPECT_EQ(log.tensors["lin/weight_in"], w0);
+  EXPECT_EQ(log.tensors["lin/hessian"], Matrix(H.cast<float>()));
+  EXPECT_EQ(log.tensors["lin/weight_out"], w);
+  CaptureLog off;
+  Matrix w2 = w0;
+  run_with_hessian(*billm_quantizer(), w2, H, &off);
+  EXPECT_FALSE(off.tensors.count("lin/weight_in"));
+  EXPECT_EQ(w2, w);  // logging changes nothing
 }
 
 TEST(Billm, BadParametersAreClearErrors) {

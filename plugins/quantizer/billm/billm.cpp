@@ -46,13 +46,21 @@ billm::Options options_from(const ptqlab::Params& p) {
 
 class Billm : public ptqlab::Quantizer {
  public:
-  explicit Billm(const ptqlab::Params& p) : opts_(options_from(p)), percdamp_(p.get_real("percdamp")) {}
+  explicit Billm(const ptqlab::Params& p)
+      : opts_(options_from(p)), percdamp_(p.get_real("percdamp")), log_inputs_(p.get_bool("log_inputs")) {}
 
   bool needs_hessian() const override { return true; }
 
   ptqlab::BitCount quantize_linear(const ptqlab::LinearContext& ctx, ptqlab::Matrix& w) override {
     const std::string what = fmt::format("layer {} {}", ctx.layer, ptqlab::linear_name(ctx.which));
     if (!ctx.hessian) throw ptqlab::Error(what + ": billm needs the calibration Hessian");
+    // What the linear was given (and, below, what it returns), so that another implementation (the
+    // reference code) can be run on exactly these inputs and compared (docs/methods/billm.md,
+    // "Check against the reference code").
+    if (log_inputs_ && ctx.log != nullptr && ctx.log->enabled()) {
+      ctx.log->tensor(ctx.log_prefix + "/weight_in", w);
+      ctx.log->tensor(ctx.log_prefix + "/hessian", ctx.hessian().cast<float>());
+    }
     const auto factor_ptr = ptqlab::inverse_hessian_factor(ctx, w, percdamp_, what);  // shared by q/k/v, gate/up
     const auto& factor = *factor_ptr;
     if (ctx.log != nullptr && factor.retries > 0) ctx.log->series(ctx.log_prefix + "/percdamp", {factor.percdamp});
@@ -67,6 +75,7 @@ class Billm : public ptqlab::Quantizer {
         for (Index j = blocks[i].b0; j < blocks[i].b1; ++j) cols(0, j) = blocks[i].salient_columns[j - blocks[i].b0];
         breakpoints(0, static_cast<Index>(i)) = blocks[i].breakpoint;
       }
+      if (log_inputs_) ctx.log->tensor(ctx.log_prefix + "/weight_out", w);
       ctx.log->tensor(ctx.log_prefix + "/salient_columns", cols);
       ctx.log->tensor(ctx.log_prefix + "/breakpoints", breakpoints);
     }
@@ -76,6 +85,7 @@ class Billm : public ptqlab::Quantizer {
  private:
   billm::Options opts_;
   double percdamp_;
+  bool log_inputs_;
 };
 
 }  // namespace
@@ -130,6 +140,10 @@ PTQLAB_PLUGIN(registrar) {
        {}, {}, {"auto", "quantiles", "max_fraction"}},
       {"percdamp", ParamType::real, 0.01, "dampening, as a fraction of mean(diag H)", 0.0, 10.0, {}},
       {"disable_gptq", ParamType::boolean, false, "no error propagation to later blocks (--disable_gptq)", {}, {}, {}},
+      {"log_inputs", ParamType::boolean, false,
+       "with log_tensors: also log each linear's incoming weight (weight_in), Hessian (hessian, float32) and "
+       "quantized weight (weight_out)", {}, {},
+       {}},
   };
   registrar->add_quantizer(schema, [](const ptqlab::Params& p) { return std::make_unique<Billm>(p); });
 }
