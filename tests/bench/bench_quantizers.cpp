@@ -4,6 +4,7 @@
 //   build/bin/bench_quantizers                                   everything (long)
 //   build/bin/bench_quantizers --benchmark_filter='Peak|Factor'   SGEMM peak and the factor
 //   build/bin/bench_quantizers --benchmark_filter='gptq_w2|Layer' GPTQ per linear, whole layer
+//   build/bin/bench_quantizers --benchmark_filter='billm|arbllm'  BiLLM and ARB-LLM per linear
 //
 // Shapes: 4096x4096 (q/k/v/o), 11008x4096 (gate/up) and 4096x11008 (down). The Hessian is
 // H = 2 XᵀX / n of synthetic correlated inputs (each feature plus 0.3 x its neighbour) with
@@ -189,6 +190,12 @@ BENCHMARK_CAPTURE(BM_Quantize, gptq_w3_g128, std::string("gptq"),
                   {{"bits", std::int64_t{3}}, {"group_size", std::int64_t{128}}})->Apply(shapes);
 BENCHMARK_CAPTURE(BM_Quantize, pbllm, std::string("pbllm"), {})->Apply(shapes);
 BENCHMARK_CAPTURE(BM_Quantize, billm, std::string("billm"), {})->Apply(shapes);
+// ARB-LLM's headline configurations (docs/methods/arbllm.md): arb-x / arb-rc with the column-group
+// bitmap; compare with billm in the same run (--benchmark_filter='billm|arbllm').
+BENCHMARK_CAPTURE(BM_Quantize, arbllm_x, std::string("arbllm"),
+                  {{"method", std::string("arb-x")}, {"order2_group", true}})->Apply(shapes);
+BENCHMARK_CAPTURE(BM_Quantize, arbllm_rc, std::string("arbllm"),
+                  {{"method", std::string("arb-rc")}, {"order2_group", true}})->Apply(shapes);
 BENCHMARK(BM_Layer7B_gptq_w2)->Arg(0)->Unit(benchmark::kSecond)->UseRealTime()->MeasureProcessCPUTime()->Iterations(1);
 
 }  // namespace

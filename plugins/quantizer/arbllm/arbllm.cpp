@@ -99,7 +99,7 @@ PTQLAB_PLUGIN(registrar) {
        "CGB: split the salient columns by abs(S) into two order-2 groups (--order2_group; the paper's ARB-LLM_X/RC)",
        {}, {}, {}},
       {"num_p", ParamType::integer, std::int64_t{1},
-       "break-points per region (--num_p); only 1 (the published runs) is implemented", 1.0, 8.0, {}},
+       "break-points per region (--num_p); only 1 (the published runs) is implemented", 1.0, 1.0, {}},
       {"salient_metric", ParamType::string, std::string("hessian"),
        "salience: hessian w^2/U_jj^2 (the README's runs) or magnitude (signed w, the code's argparse default)", {}, {},
        {"hessian", "magnitude"}},

@@ -23,10 +23,6 @@
 #include <vector>
 
 #include <Eigen/Core>
-#include <tbb/blocked_range.h>
-#include <tbb/parallel_for.h>
-#include <tbb/partitioner.h>
-
 #include "../billm/billm_algo.hpp"
 #include "arb_binarizers.hpp"
 #include "ptqlab/binarize.hpp"
@@ -268,7 +264,7 @@ struct BlockRecord {
 // (prepare_inverse_hessian); H_raw: the calibration Hessian as accumulated (needed by arb-x).
 inline std::vector<BlockRecord> quantize_weight(Matrix& W, const Eigen::MatrixXd& U, const Eigen::MatrixXd* H_raw,
                                                 const Options& o) {
-  const Index rows = W.rows(), cols = W.cols();
+  const Index cols = W.cols();
   if (U.rows() != cols || U.cols() != cols) throw std::invalid_argument("arbllm: U does not match the weight");
   if (o.block_size < 1) throw std::invalid_argument("arbllm: block size must be >= 1");
   if (o.method == Method::arb_x && (H_raw == nullptr || H_raw->rows() != cols || H_raw->cols() != cols))
@@ -280,35 +276,15 @@ inline std::vector<BlockRecord> quantize_weight(Matrix& W, const Eigen::MatrixXd
   billm::QuantileBuffers qbuf;
   Eigen::MatrixXf Ub, Sigma;
   for (Index b0 = 0; b0 < cols; b0 += o.block_size) {
-    const Index b1 = std::min(b0 + o.block_size, cols), nb = b1 - b0, rest = cols - b1;
+    const Index b1 = std::min(b0 + o.block_size, cols), nb = b1 - b0;
     Wb = W.middleCols(b0, nb);
     if (o.method == Method::arb_x) Sigma = (0.5 * H_raw->block(b0, b0, nb, nb)).cast<float>();
     const Eigen::MatrixXf* sig = o.method == Method::arb_x ? &Sigma : nullptr;
     const BlockPlan plan = plan_block(Wb, d_sal.segment(b0, nb), sig, o, T, &qbuf);
     const Matrix Q = binarize_block(Wb, plan, sig, o);
-    const bool propagate = !o.disable_gptq && rest > 0;
-    if (propagate) {
-      Ub.resize(nb, rest);
-      constexpr Index kColChunk = 512;
-      tbb::parallel_for(
-          tbb::blocked_range<Index>(0, (rest + kColChunk - 1) / kColChunk, 1),
-          [&](const tbb::blocked_range<Index>& range) {
-            for (Index c = range.begin(); c < range.end(); ++c) {
-              const Index c0 = c * kColChunk, n = std::min(kColChunk, rest - c0);
-              Ub.middleCols(c0, n) = U.block(b0, b1 + c0, nb, n).cast<float>();
-            }
-          },
-          tbb::simple_partitioner());
-    }
-    // (D), row chunk by row chunk.
-    billm::for_row_chunks(rows, [&](Index, Index r0, Index r1) {
-      const Index nr = r1 - r0;
-      Matrix E(nr, nb);
-      for (Index i = 0; i < nr; ++i)
-        for (Index j = 0; j < nb; ++j) E(i, j) = (Wb(r0 + i, j) - Q(r0 + i, j)) / u_diag(b0 + j);
-      W.block(r0, b0, nr, nb) = Q.middleRows(r0, nr);
-      if (propagate) W.block(r0, b1, nr, rest).noalias() -= E * Ub;
-    });
+    // (D): BiLLM's block-wise compensation.
+    billm::compensate_block(W, U, Wb, b0, u_diag, !o.disable_gptq, Ub,
+                            [&](Index r0, Index r1, Matrix& Qc) { Qc = Q.middleRows(r0, r1 - r0); });
     BlockRecord rec;
     rec.b0 = b0;
     rec.b1 = b1;

@@ -748,10 +748,45 @@ struct BlockRecord {
   std::vector<std::uint8_t> salient_columns;
 };
 
+// (D) for one block [b0, b0 + nb) of W, shared with ARB-LLM (plugins/quantizer/arbllm): row chunk
+// by row chunk, quantize_rows(r0, r1, Q) writes the quantized rows [r0, r1) of the block into Q
+// (nr × nb), which replace them in W; unless `propagate` is false, their errors
+// E = (Wb − Q)/U_jj are pushed to the later columns, W[:, b1:] −= E U[b0:b1, b1:] (no in-block
+// updates). Wb: the block as it arrived; u_diag: diag U (float); Ub: scratch.
+template <class QuantizeRows>
+inline void compensate_block(Matrix& W, const Eigen::MatrixXd& U, const Matrix& Wb, Index b0,
+                             const Eigen::VectorXf& u_diag, bool propagate, Eigen::MatrixXf& Ub,
+                             QuantizeRows&& quantize_rows) {
+  const Index rows = W.rows(), cols = W.cols(), nb = Wb.cols(), b1 = b0 + nb, rest = cols - b1;
+  propagate = propagate && rest > 0;
+  if (propagate) {
+    Ub.resize(nb, rest);  // U[b0:b1, b1:] in float, column-major
+    constexpr Index kColChunk = 512;
+    tbb::parallel_for(
+        tbb::blocked_range<Index>(0, (rest + kColChunk - 1) / kColChunk, 1),
+        [&](const tbb::blocked_range<Index>& range) {
+          for (Index c = range.begin(); c < range.end(); ++c) {
+            const Index c0 = c * kColChunk, n = std::min(kColChunk, rest - c0);
+            Ub.middleCols(c0, n) = U.block(b0, b1 + c0, nb, n).cast<float>();
+          }
+        },
+        tbb::simple_partitioner());
+  }
+  for_row_chunks(rows, [&](Index, Index r0, Index r1) {
+    const Index nr = r1 - r0;
+    Matrix Q(nr, nb), E(nr, nb);
+    quantize_rows(r0, r1, Q);
+    for (Index i = 0; i < nr; ++i)
+      for (Index j = 0; j < nb; ++j) E(i, j) = (Wb(r0 + i, j) - Q(i, j)) / u_diag(b0 + j);
+    W.block(r0, b0, nr, nb) = Q;
+    if (propagate) W.block(r0, b1, nr, rest).noalias() -= E * Ub;
+  });
+}
+
 // BiLLM on W ([rows, cols], in place) with U the upper Cholesky factor of the dampened H⁻¹
 // (prepare_inverse_hessian). Returns one record per block.
 inline std::vector<BlockRecord> quantize_weight(Matrix& W, const Eigen::MatrixXd& U, const Options& o) {
-  const Index rows = W.rows(), cols = W.cols();
+  const Index cols = W.cols();
   if (U.rows() != cols || U.cols() != cols) throw std::invalid_argument("billm: U does not match the weight");
   if (o.block_size < 1) throw std::invalid_argument("billm: block size must be >= 1");
   const Eigen::VectorXf d_sal = salience_denominators(U, o.inverse_diagonal);
@@ -760,39 +795,18 @@ inline std::vector<BlockRecord> quantize_weight(Matrix& W, const Eigen::MatrixXd
   std::vector<BlockRecord> records;
   Matrix Wb, T;
   QuantileBuffers qbuf;
-  Eigen::MatrixXf Ub;  // U[b0:b1, b1:] in float, column-major
+  Eigen::MatrixXf Ub;
   for (Index b0 = 0; b0 < cols; b0 += o.block_size) {
-    const Index b1 = std::min(b0 + o.block_size, cols), nb = b1 - b0, rest = cols - b1;
+    const Index b1 = std::min(b0 + o.block_size, cols), nb = b1 - b0;
     Wb = W.middleCols(b0, nb);
     const BlockDecision dec = decide_block(Wb, d_sal.segment(b0, nb), o, &T, &qbuf);
-    const bool propagate = !o.disable_gptq && rest > 0;
-    if (propagate) {
-      Ub.resize(nb, rest);
-      constexpr Index kColChunk = 512;
-      tbb::parallel_for(
-          tbb::blocked_range<Index>(0, (rest + kColChunk - 1) / kColChunk, 1),
-          [&](const tbb::blocked_range<Index>& range) {
-            for (Index c = range.begin(); c < range.end(); ++c) {
-              const Index c0 = c * kColChunk, n = std::min(kColChunk, rest - c0);
-              Ub.middleCols(c0, n) = U.block(b0, b1 + c0, nb, n).cast<float>();
-            }
-          },
-          tbb::simple_partitioner());
-    }
     // (C) and (D), row chunk by row chunk.
-    for_row_chunks(rows, [&](Index, Index r0, Index r1) {
-      const Index nr = r1 - r0;
+    compensate_block(W, U, Wb, b0, u_diag, !o.disable_gptq, Ub, [&](Index r0, Index r1, Matrix& Q) {
       std::vector<float> scratch(5 * nb);
       std::vector<Index> at(nb);
-      Matrix Q(nr, nb), E(nr, nb);
-      for (Index i = 0; i < nr; ++i) {
-        const Index r = r0 + i;
-        binarize_row(Wb.data() + r * nb, T.data() + r * nb, Q.data() + i * nb, nb, dec.salient, dec.breakpoint,
-                     o.inclusive_low(), style, scratch.data(), at.data());
-        for (Index j = 0; j < nb; ++j) E(i, j) = (Wb(r, j) - Q(i, j)) / u_diag(b0 + j);
-      }
-      W.block(r0, b0, nr, nb) = Q;
-      if (propagate) W.block(r0, b1, nr, rest).noalias() -= E * Ub;
+      for (Index r = r0; r < r1; ++r)
+        binarize_row(Wb.data() + r * nb, T.data() + r * nb, Q.data() + (r - r0) * nb, nb, dec.salient,
+                     dec.breakpoint, o.inclusive_low(), style, scratch.data(), at.data());
     });
     BlockRecord rec;
     rec.b0 = b0;
