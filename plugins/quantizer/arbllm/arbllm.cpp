@@ -55,7 +55,8 @@ class ArbLlm : public ptqlab::Quantizer {
     const std::string what = fmt::format("layer {} {}", ctx.layer, ptqlab::linear_name(ctx.which));
     if (!ctx.hessian) throw ptqlab::Error(what + ": arbllm needs the calibration Hessian");
     const Eigen::MatrixXd& H = ctx.hessian();
-    const auto factor = ptqlab::prepare_inverse_hessian(H, w, percdamp_, what);
+    const auto factor_ptr = ptqlab::inverse_hessian_factor(ctx, w, percdamp_, what);  // shared by q/k/v, gate/up
+    const auto& factor = *factor_ptr;
     if (ctx.log != nullptr && factor.retries > 0) ctx.log->series(ctx.log_prefix + "/percdamp", {factor.percdamp});
     const auto blocks = arbllm::quantize_weight(w, factor.U, &H, opts_);
 
