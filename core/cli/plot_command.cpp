@@ -31,7 +31,8 @@ int cmd_plot(const Args& args) {
   if (vm.count("help")) {
     fmt::print("usage: ptqlab plot DIR... [--out DIR] [--format png,svg,pdf] [--x all-in|paper]\n\n"
                "One plot per model x dataset: bits per weight vs perplexity, a point per method (mean and std\n"
-               "over seeds), the Pareto front highlighted. Needs gnuplot (Debian: gnuplot-nox).\n\n");
+               "over seeds), the Pareto front highlighted (uniform and allocated arms get a front each), and a\n"
+               "per-layer bits heatmap of every allocated result. Needs gnuplot (Debian: gnuplot-nox).\n\n");
     std::cout << desc << std::endl;
     return 0;
   }
@@ -47,7 +48,9 @@ int cmd_plot(const Args& args) {
     if (comma == std::string::npos) break;
     start = comma + 1;
   }
-  const auto plots = make_plots(std::vector<std::filesystem::path>(inputs.begin(), inputs.end()), options);
+  const std::vector<std::filesystem::path> paths(inputs.begin(), inputs.end());
+  auto plots = make_plots(paths, options);
+  for (auto& h : make_allocation_heatmaps(paths, options)) plots.push_back(std::move(h));
   for (const auto& p : plots) {
     fmt::print("{}:", p.stem);
     for (const auto& f : p.files) fmt::print(" {}", f.string());

@@ -86,6 +86,16 @@ std::filesystem::path ArtifactCache::path_of(const std::string& key, const char*
   return dir_ / fmt::format("{}-{}.bin", kind, sha256_hex(key).substr(0, 32));
 }
 
+std::optional<std::string> ArtifactCache::load_text(const std::string& key) const {
+  if (!enabled()) return std::nullopt;
+  return read_entry(path_of(key, "text"), key);
+}
+
+void ArtifactCache::store_text(const std::string& key, const std::string& text) const {
+  if (!enabled()) return;
+  write_entry(path_of(key, "text"), key, text);
+}
+
 std::optional<std::vector<int>> ArtifactCache::load_tokens(const std::string& key) const {
   if (!enabled()) return std::nullopt;
   auto payload = read_entry(path_of(key, "tokens"), key);

@@ -152,15 +152,25 @@ ModelInputStats collect_input_stats(const LlamaModel& model, const std::vector<s
 
 std::vector<LinearRecord> quantize_layerwise(LlamaModel& model, const std::vector<std::vector<int>>& windows,
                                              const LayerwiseOptions& options) {
-  if (options.quantizer == nullptr) throw std::logic_error("quantize_layerwise: no quantizer");
+  if (options.quantizer == nullptr && options.plan.empty()) throw std::logic_error("quantize_layerwise: no quantizer");
+  if (!options.plan.empty() && static_cast<int>(options.plan.size()) != model.config.num_layers)
+    throw std::logic_error("quantize_layerwise: the plan does not cover every layer");
   if (windows.empty()) throw Error("quantization needs calibration windows (calibration.nsamples >= 1)");
   const auto& c = model.config;
   const int seq_len = static_cast<int>(windows[0].size());
   const int per_batch = windows_per_batch(seq_len);
   const RopeTable rope(c.head_dim, c.rope_theta, seq_len);
 
-  const bool per_layer = options.quantizer->granularity() == Quantizer::Granularity::decoder_layer;
-  const bool keep_fp_stream = per_layer && options.quantizer->needs_fp_stream();
+  // Which quantizer and mask each linear gets: the arm's, or the allocation plan's.
+  auto choice = [&options](int l, std::size_t i) {
+    return options.plan.empty() ? LayerwiseOptions::LinearChoice{options.quantizer, options.mask} : options.plan[l][i];
+  };
+  auto per_layer_at = [&](int l) {
+    return choice(l, 0).quantizer->granularity() == Quantizer::Granularity::decoder_layer;
+  };
+  bool keep_fp_stream = false;
+  for (int l = 0; l < c.num_layers; ++l)
+    keep_fp_stream = keep_fp_stream || (per_layer_at(l) && choice(l, 0).quantizer->needs_fp_stream());
 
   // The calibration streams, batch by batch: hidden states entering the current layer. The FP
   // stream is kept only for quantizers that train against it.
@@ -199,6 +209,7 @@ std::vector<LinearRecord> quantize_layerwise(LlamaModel& model, const std::vecto
     InverseFactorCache factors;
 
     // 2. Masks, then quantization: linear by linear, or the whole layer at once.
+    const bool per_layer = per_layer_at(l);
     std::array<SalientMask, 7> masks;
     std::array<BitCount, 7> bits;
     std::array<double, 7> seconds{};
@@ -217,9 +228,8 @@ std::vector<LinearRecord> quantize_layerwise(LlamaModel& model, const std::vecto
       ctx.input_stats = [&stats_of, l, which]() -> const InputStats& { return stats_of(l, which); };
       return ctx;
     };
-    if (options.mask != nullptr)
-      for (std::size_t i = 0; i < kAllLinears.size(); ++i)
-        masks[i] = options.mask->select(linear_context(kAllLinears[i]), layer.linear(kAllLinears[i]));
+    for (std::size_t i = 0; i < kAllLinears.size(); ++i)
+      if (Mask* m = choice(l, i).mask) masks[i] = m->select(linear_context(kAllLinears[i]), layer.linear(kAllLinears[i]));
 
     if (per_layer) {
       LayerContext ctx;
@@ -231,20 +241,20 @@ std::vector<LinearRecord> quantize_layerwise(LlamaModel& model, const std::vecto
       ctx.rope = &rope;
       ctx.input_stats = [&stats_of, l](Linear which) -> const InputStats& { return stats_of(l, which); };
       ctx.hessian = hessian_of;
-      if (options.mask != nullptr)
-        for (std::size_t i = 0; i < kAllLinears.size(); ++i) ctx.masks[i] = &masks[i];
+      for (std::size_t i = 0; i < kAllLinears.size(); ++i)
+        if (choice(l, i).mask != nullptr) ctx.masks[i] = &masks[i];
       ctx.log = options.log;
       ctx.log_prefix = fmt::format("layer{}", l);
       const auto t0 = std::chrono::steady_clock::now();
-      bits = options.quantizer->quantize_layer(ctx, layer);
+      bits = choice(l, 0).quantizer->quantize_layer(ctx, layer);
       fault_point("quantizer");
       seconds.fill(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() / kAllLinears.size());
     } else {
       for (std::size_t i = 0; i < kAllLinears.size(); ++i) {
         auto ctx = linear_context(kAllLinears[i]);
-        if (options.mask != nullptr) ctx.mask = &masks[i];
+        if (choice(l, i).mask != nullptr) ctx.mask = &masks[i];
         const auto t0 = std::chrono::steady_clock::now();
-        bits[i] = options.quantizer->quantize_linear(ctx, layer.linear(kAllLinears[i]));
+        bits[i] = choice(l, i).quantizer->quantize_linear(ctx, layer.linear(kAllLinears[i]));
         fault_point("quantizer");
         seconds[i] = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
       }
@@ -258,7 +268,7 @@ std::vector<LinearRecord> quantize_layerwise(LlamaModel& model, const std::vecto
         throw Error(fmt::format("layer {} {}: the quantizer produced non-finite weights", l, linear_name(which)));
       LinearRecord rec;
       rec.bits = bits[i];
-      if (options.mask != nullptr) rec.bits.masks += masks[i].storage_bits;
+      if (choice(l, i).mask != nullptr) rec.bits.masks += masks[i].storage_bits;
       rec.seconds = seconds[i];
       rec.layer = l;
       rec.linear = linear_name(which);

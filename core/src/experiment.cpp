@@ -18,6 +18,7 @@
 #include <fmt/format.h>
 #include <yaml-cpp/yaml.h>
 
+#include "ptqlab/allocation.hpp"
 #include "ptqlab/error.hpp"
 #include "ptqlab/model_config.hpp"
 #include "ptqlab/plugin.hpp"
@@ -551,7 +552,7 @@ std::vector<RawComponent> read_preprocess(const Doc& doc, const Entry& e, const 
 struct Axis {
   std::string path;
   YAML::Mark mark;  // the axis key
-  enum class Target { quantizer, mask, preprocess } target = Target::quantizer;
+  enum class Target { quantizer, mask, preprocess, allocator } target = Target::quantizer;
   std::size_t index = 0;  // preprocess step
   std::string param;
   std::vector<ParamValue> values;
@@ -571,6 +572,24 @@ struct Budget {
   double lo = 0, hi = 0;
 };
 
+// An allocated arm's stage as read (docs/allocation.md).
+struct CandidateDraft {
+  std::string label;
+  YAML::Mark mark;
+  std::optional<Component> mask;
+  Component quantizer;
+  bool whole_layer = false;
+};
+struct AllocationDraft {
+  Component allocator;
+  double budget = 0;
+  YAML::Mark budget_mark;  // where the budget in use was given (the key, or a sweep axis)
+  bool has_budget = false;
+  std::string metric = "allin", unit = "linear", loss = "hess";
+  YAML::Mark unit_mark;
+  std::vector<CandidateDraft> candidates;
+};
+
 // An arm after merging, before sweep expansion.
 struct ArmDraft {
   std::string name;
@@ -580,12 +599,14 @@ struct ArmDraft {
   Component quantizer;
   std::vector<Axis> axes;  // grid axes, then zip axes
   std::optional<Budget> budget;
+  std::optional<AllocationDraft> alloc;
 };
 
 Component* axis_component(ArmDraft& arm, const Axis& axis) {
   switch (axis.target) {
-    case Axis::Target::quantizer: return &arm.quantizer;
+    case Axis::Target::quantizer: return arm.alloc ? nullptr : &arm.quantizer;
     case Axis::Target::mask: return arm.mask ? &*arm.mask : nullptr;
+    case Axis::Target::allocator: return arm.alloc ? &arm.alloc->allocator : nullptr;
     case Axis::Target::preprocess: return axis.index < arm.preprocess.size() ? &arm.preprocess[axis.index] : nullptr;
   }
   return nullptr;
@@ -595,7 +616,8 @@ void read_axes(const Doc& doc, const Entry& e, bool zip, ArmDraft& arm) {
   const std::string section = zip ? "sweep.zip" : "sweep.grid";
   if (!e.value.IsMap())
     doc.fail(e.mark(), fmt::format("{} must be a map of axis -> list of values, got {}", section, describe(e.value)));
-  const std::string expected = "expected quantizer.<param>, mask.<param> or preprocess.<index>.<param>";
+  const std::string expected =
+      "expected quantizer.<param>, mask.<param>, preprocess.<index>.<param>, allocator.budget or allocator.<param>";
   std::size_t zip_len = 0;
   std::string zip_first;
   for (auto it = e.value.begin(); it != e.value.end(); ++it) {
@@ -612,11 +634,12 @@ void read_axes(const Doc& doc, const Entry& e, bool zip, ArmDraft& arm) {
     std::istringstream ss(axis.path);
     while (std::getline(ss, part, '.')) parts.push_back(part);
     if (!axis.path.empty() && axis.path.back() == '.') parts.push_back("");
-    const bool prefix_ok = !parts.empty() && (parts[0] == "quantizer" || parts[0] == "mask" || parts[0] == "preprocess");
+    const bool prefix_ok = !parts.empty() && (parts[0] == "quantizer" || parts[0] == "mask" ||
+                                              parts[0] == "preprocess" || parts[0] == "allocator");
     if (!prefix_ok) {
       const std::string first = parts.empty() ? axis.path : parts[0];
       doc.fail(axis.mark, fmt::format("unknown sweep axis '{}': {}{}", axis.path, expected,
-                                      hint(first, {"quantizer", "mask", "preprocess"})));
+                                      hint(first, {"quantizer", "mask", "preprocess", "allocator"})));
     }
     if (parts[0] == "preprocess") {
       if (parts.size() != 3 || parts[2].empty() || !looks_int(parts[1]) || parts[1][0] == '-' || parts[1][0] == '+' ||
@@ -628,18 +651,31 @@ void read_axes(const Doc& doc, const Entry& e, bool zip, ArmDraft& arm) {
     } else {
       if (parts.size() != 2 || parts[1].empty())
         doc.fail(axis.mark, fmt::format("unknown sweep axis '{}': {}", axis.path, expected));
-      axis.target = parts[0] == "mask" ? Axis::Target::mask : Axis::Target::quantizer;
+      axis.target = parts[0] == "mask"        ? Axis::Target::mask
+                    : parts[0] == "allocator" ? Axis::Target::allocator
+                                              : Axis::Target::quantizer;
       axis.param = parts[1];
     }
 
     const Component* c = axis_component(arm, axis);
     if (c == nullptr) {
+      if (axis.target == Axis::Target::allocator)
+        doc.fail(axis.mark, fmt::format("sweep axis '{}': arm '{}' has no allocator", axis.path, arm.name));
+      if (axis.target == Axis::Target::quantizer)
+        doc.fail(axis.mark, fmt::format("sweep axis '{}': arm '{}' has an allocator; its quantizers are in "
+                                        "'candidates' (sweep allocator.budget or allocator.<param>)",
+                                        axis.path, arm.name));
       if (axis.target == Axis::Target::mask)
         doc.fail(axis.mark, fmt::format("sweep axis '{}': arm '{}' has no mask", axis.path, arm.name));
       doc.fail(axis.mark, fmt::format("sweep axis '{}': arm '{}' has no preprocess step {} (it has {})", axis.path,
                                       arm.name, axis.index, arm.preprocess.size()));
     }
-    const ParamSpec& spec = find_param(doc, *c, axis.param, axis.mark, fmt::format("sweep axis '{}': ", axis.path));
+    // allocator.budget is the allocation's budget (bits per weight), not a plugin parameter.
+    static const ParamSpec kBudgetSpec{"budget", ParamType::real, 1.0, "", 1e-9, 64.0, {}};
+    const bool budget_axis = axis.target == Axis::Target::allocator && axis.param == "budget";
+    const ParamSpec& spec = budget_axis ? kBudgetSpec
+                                        : find_param(doc, *c, axis.param, axis.mark,
+                                                     fmt::format("sweep axis '{}': ", axis.path));
 
     const Entry values{axis.path, it->first, it->second};
     if (!values.value.IsSequence())
@@ -648,7 +684,11 @@ void read_axes(const Doc& doc, const Entry& e, bool zip, ArmDraft& arm) {
     if (values.value.size() == 0) doc.fail(values.mark(), fmt::format("sweep axis '{}' has no values", axis.path));
     for (std::size_t i = 0; i < values.value.size(); ++i) {
       const YAML::Node v = values.value[i];
-      axis.values.push_back(param_value(doc, spec, v, v.Mark(), c->label(), fmt::format(" (sweep axis '{}')", axis.path)));
+      axis.values.push_back(param_value(doc, spec, v, v.Mark(), budget_axis ? "allocator" : c->label(),
+                                        fmt::format(" (sweep axis '{}')", axis.path)));
+      if (budget_axis) axis.values.back() = ParamValue(std::get_if<std::int64_t>(&axis.values.back())
+                                                           ? static_cast<double>(std::get<std::int64_t>(axis.values.back()))
+                                                           : std::get<double>(axis.values.back()));
     }
     if (zip) {
       if (zip_first.empty()) {
@@ -674,6 +714,10 @@ double read_number(const Doc& doc, const YAML::Node& n, const std::string& what)
 // sweep.budget: {target_bits: [..], parameter: quantizer.<p> | mask.<p>, range: [lo, hi], step: s}.
 void read_budget(const Doc& doc, const Entry& e, ArmDraft& arm) {
   const MapView m(doc, e.value, e.mark(), "sweep.budget", {"target_bits", "parameter", "range", "step"});
+  if (arm.alloc)
+    doc.fail(e.key_node.Mark(), fmt::format("arm '{}' has an allocator: sweep its budget with "
+                                            "'grid: {{allocator.budget: [...]}}' instead of sweep.budget",
+                                            arm.name));
   Budget b;
   b.mark = e.key_node.Mark();
 
@@ -881,7 +925,36 @@ std::string resolved_yaml(const Experiment& x, const ArmSpec& arm) {
   else
     out << YAML::Null;
   out << YAML::Key << "quantizer" << YAML::Value;
-  emit_component(out, arm.quantizer);
+  if (arm.allocation)
+    out << YAML::Null;
+  else
+    emit_component(out, arm.quantizer);
+  if (arm.allocation) {  // only allocated arms have the key, so other arms keep their hashes
+    const AllocationSpec& a = *arm.allocation;
+    out << YAML::Key << "allocation" << YAML::Value << YAML::BeginMap;
+    out << YAML::Key << "allocator" << YAML::Value;
+    emit_component(out, a.allocator);
+    out << YAML::Key << "budget" << YAML::Value;
+    emit_value(out, a.budget);
+    out << YAML::Key << "budget_bits" << YAML::Value << std::to_string(a.budget_bits);
+    out << YAML::Key << "metric" << YAML::Value << a.metric;
+    out << YAML::Key << "unit" << YAML::Value << a.unit;
+    out << YAML::Key << "loss" << YAML::Value << a.loss;
+    out << YAML::Key << "candidates" << YAML::Value << YAML::BeginSeq;
+    for (const auto& c : a.candidates) {
+      out << YAML::BeginMap << YAML::Key << "name" << YAML::Value;
+      emit_text(out, c.label);
+      out << YAML::Key << "mask" << YAML::Value;
+      if (c.mask)
+        emit_component(out, *c.mask);
+      else
+        out << YAML::Null;
+      out << YAML::Key << "quantizer" << YAML::Value;
+      emit_component(out, c.quantizer);
+      out << YAML::EndMap;
+    }
+    out << YAML::EndSeq << YAML::EndMap;
+  }
   if (arm.budget) {  // only budget arms have the key, so other arms keep their hashes
     out << YAML::Key << "budget" << YAML::Value << YAML::BeginMap;
     out << YAML::Key << "target_bits" << YAML::Value;
@@ -982,10 +1055,97 @@ RawArmDefaults read_base(const Doc& doc, const SchemaSource& schemas, const Entr
   return base;
 }
 
+// A candidate's default label: the quantizer and the parameters given in the file, then the mask's.
+std::string candidate_label(const Component& q, const std::optional<Component>& mask) {
+  auto part = [](const Component& c) {
+    std::string text = c.name;
+    for (const auto& [k, v] : c.given) text += "-" + k + param_value_text(v);
+    return text;
+  };
+  return mask ? part(q) + "+" + part(*mask) : part(q);
+}
+
+// allocator: {name, params, budget, metric, unit, loss} and candidates: [{name, quantizer, mask}].
+AllocationDraft read_allocation(const Doc& doc, const SchemaSource& schemas, const Entry& e, const Entry* candidates,
+                                const std::string& label) {
+  AllocationDraft a;
+  const std::string what = label + " allocator";
+  if (e.value.IsScalar()) doc.fail(e.mark(), fmt::format("{} must be a map with 'name' and 'budget', got {}", what,
+                                                         describe(e.value)));
+  const MapView m(doc, e.value, e.mark(), what, {"name", "params", "budget", "metric", "unit", "loss"});
+  RawComponent raw;
+  raw.mark = e.mark();
+  if (const Entry* n = m.get("name")) {
+    raw.name = read_string(doc, *n, what + " name");
+    raw.name_mark = n->mark();
+  }
+  raw.params = read_params(doc, m.get("params"), what);
+  a.allocator = resolve(doc, schemas, ComponentKind::allocator, raw, what);
+  if (const Entry* b = m.get("budget")) {
+    a.budget = read_number(doc, b->value, what + " budget");
+    if (!(a.budget > 0)) doc.fail(b->mark(), fmt::format("{} budget must be positive bits per weight, got {}", what,
+                                                         b->value.Scalar()));
+    a.budget_mark = b->mark();
+    a.has_budget = true;
+  } else {
+    a.budget_mark = m.mark();
+  }
+  auto choice = [&](const char* key, std::string& out, const std::vector<std::string>& allowed) {
+    if (const Entry* x = m.get(key)) {
+      out = read_string(doc, *x, fmt::format("{} {}", what, key));
+      if (std::find(allowed.begin(), allowed.end(), out) == allowed.end())
+        doc.fail(x->mark(), fmt::format("{} {} must be one of {}, got '{}'{}", what, key, join(allowed), out,
+                                        hint(out, allowed)));
+      if (std::string(key) == "unit") a.unit_mark = x->mark();
+    } else if (std::string(key) == "unit") {
+      a.unit_mark = m.mark();
+    }
+  };
+  choice("metric", a.metric, {"allin", "paper"});
+  choice("unit", a.unit, {"linear", "tie", "layer"});
+  choice("loss", a.loss, {"hess", "out_mse"});
+
+  if (candidates == nullptr)
+    doc.fail(m.mark(), fmt::format("missing required key 'candidates' in {} (an allocator chooses among candidates)",
+                                   label));
+  if (!candidates->value.IsSequence() || candidates->value.size() == 0)
+    doc.fail(candidates->mark(), fmt::format("{} candidates must be a non-empty list of {{quantizer, mask}} maps, got {}",
+                                             label, describe(candidates->value)));
+  std::set<std::string> labels;
+  for (std::size_t i = 0; i < candidates->value.size(); ++i) {
+    const YAML::Node node = candidates->value[i];
+    const std::string cw = fmt::format("{} candidates[{}]", label, i);
+    const MapView cm(doc, node, node.Mark(), cw, {"name", "quantizer", "mask"});
+    CandidateDraft c;
+    c.mark = node.Mark();
+    const Entry& q = cm.require("quantizer");
+    c.quantizer = resolve(doc, schemas, ComponentKind::quantizer, read_component(doc, q.value, q.mark(), cw + " quantizer"),
+                          cw + " quantizer");
+    if (const Entry* k = cm.get("mask"); k && !k->value.IsNull())
+      c.mask = resolve(doc, schemas, ComponentKind::mask, read_component(doc, k->value, k->mark(), cw + " mask"),
+                       cw + " mask");
+    c.label = candidate_label(c.quantizer, c.mask);
+    if (const Entry* n = cm.get("name")) {
+      c.label = read_string(doc, *n, cw + " name");
+      if (!valid_name(c.label)) doc.fail(n->mark(), fmt::format("invalid candidate name '{}': {}", c.label, name_rule()));
+    }
+    if (!labels.insert(c.label).second)
+      doc.fail(c.mark, fmt::format("{}: candidate '{}' is given twice", cw, c.label));
+    c.whole_layer = schemas.quantizes_whole_layers(c.quantizer.ref());
+    if (c.whole_layer && a.unit != "layer")
+      doc.fail(c.mark, fmt::format("{}: quantizer {} works on whole decoder layers, so the allocation unit must be "
+                                   "'layer' (set unit: layer in the allocator; it is '{}')",
+                                   cw, c.quantizer.name, a.unit));
+    a.candidates.push_back(std::move(c));
+  }
+  return a;
+}
+
 ArmDraft read_arm(const Doc& doc, const SchemaSource& schemas, const YAML::Node& node, std::size_t index,
                   const RawArmDefaults& base) {
   const std::string what = fmt::format("arms[{}]", index);
-  const MapView m(doc, node, node.Mark(), what, {"name", "inherit_base", "preprocess", "mask", "quantizer", "sweep"});
+  const MapView m(doc, node, node.Mark(), what,
+                  {"name", "inherit_base", "preprocess", "mask", "quantizer", "sweep", "allocator", "candidates"});
   ArmDraft arm;
   const Entry& name = m.require("name");
   arm.name = read_string(doc, name, "arm name");
@@ -999,6 +1159,34 @@ ArmDraft read_arm(const Doc& doc, const SchemaSource& schemas, const YAML::Node&
     preprocess = read_preprocess(doc, *p, label + " preprocess");
   else if (inherit && base.preprocess)
     preprocess = *base.preprocess;
+
+  // An allocated arm takes its quantizers and masks from its candidates (never from base).
+  if (const Entry* al = m.get("allocator")) {
+    for (const char* key : {"quantizer", "mask"})
+      if (const Entry* x = m.get(key))
+        doc.fail(x->key_node.Mark(), fmt::format("{} has an allocator: give its {}s in 'candidates', not '{}'", label,
+                                                 key, key));
+    arm.alloc = read_allocation(doc, schemas, *al, m.get("candidates"), label);
+    for (std::size_t i = 0; i < preprocess.size(); ++i)
+      arm.preprocess.push_back(
+          resolve(doc, schemas, ComponentKind::preprocessor, preprocess[i], fmt::format("{} preprocess[{}]", label, i)));
+    if (!arm.preprocess.empty())
+      doc.fail(al->key_node.Mark(), fmt::format("{} has an allocator and preprocess steps; allocation with "
+                                                "preprocessing is not supported yet (give preprocess: [])",
+                                                label));
+    if (const Entry* s = m.get("sweep")) read_sweep(doc, *s, arm);
+    if (!arm.alloc->has_budget) {
+      bool swept = false;
+      for (const auto& a : arm.axes) swept = swept || (a.target == Axis::Target::allocator && a.param == "budget");
+      if (!swept)
+        doc.fail(arm.alloc->budget_mark, fmt::format("missing required key 'budget' in {} allocator (bits per weight; "
+                                                     "or sweep allocator.budget)",
+                                                     label));
+    }
+    return arm;
+  }
+  if (const Entry* c = m.get("candidates"))
+    doc.fail(c->key_node.Mark(), fmt::format("{} has candidates but no allocator", label));
 
   std::optional<RawComponent> mask;
   if (const Entry* k = m.get("mask")) {
@@ -1038,7 +1226,7 @@ ArmSpec make_spec(const Doc& doc, const ArmDraft& arm, std::string name) {
   spec.name = name;
   for (const auto& p : arm.preprocess) spec.preprocessors.push_back(p.ref());
   if (arm.mask) spec.mask = arm.mask->ref();
-  spec.quantizer = arm.quantizer.ref();
+  if (!arm.alloc) spec.quantizer = arm.quantizer.ref();  // allocated arms: the candidates' quantizers
   return spec;
 }
 
@@ -1081,9 +1269,77 @@ void expand_budget(const Doc& doc, const SchemaSource& schemas, const std::vecto
   }
 }
 
+// An allocated arm: the predicted bits of every (unit, candidate) from the shapes, the budget
+// checked against the reachable range [cheapest mix, dearest mix] (docs/allocation.md).
+void expand_allocation(const Doc& doc, const SchemaSource& schemas, const LlamaConfig& config, const ArmDraft& arm,
+                       const std::string& name, std::vector<ArmSpec>& out) {
+  const AllocationDraft& a = *arm.alloc;
+  const auto units = allocation_units(config, a.unit);
+  // Bits of each candidate on each linear shape (7 per layer, the same in every layer).
+  std::vector<std::array<std::int64_t, 7>> bits(a.candidates.size());
+  for (std::size_t c = 0; c < a.candidates.size(); ++c) {
+    const auto& cand = a.candidates[c];
+    const std::optional<ComponentRef> mask = cand.mask ? std::optional<ComponentRef>(cand.mask->ref()) : std::nullopt;
+    for (std::size_t i = 0; i < kAllLinears.size(); ++i) {
+      const auto [rows, cols] = linear_shape(config, kAllLinears[i]);
+      try {
+        const BitCount b = schemas.predict_bits(cand.quantizer.ref(), mask, {LinearShape{rows, cols, 1}});
+        bits[c][i] = static_cast<std::int64_t>(std::ceil((a.metric == "paper" ? b.paper : b.all_in()) - 1e-6));
+      } catch (const Error& e) {
+        doc.fail(cand.mark, fmt::format("allocation candidate '{}' of arm '{}': {}; an allocation needs bits that "
+                                        "follow from the shapes",
+                                        cand.label, name, e.what()));
+      }
+    }
+  }
+  AllocationProblem p;
+  std::int64_t weights = 0;
+  for (const auto& u : units) {
+    weights += u.weights;
+    std::vector<std::int64_t> row;
+    for (std::size_t c = 0; c < a.candidates.size(); ++c) {
+      std::int64_t total = 0;
+      for (Linear w : u.linears) total += bits[c][static_cast<std::size_t>(w)];
+      row.push_back(total);
+    }
+    p.cost.push_back(row);
+    p.loss.push_back(std::vector<double>(row.size(), 0.0));
+  }
+  const double lo = static_cast<double>(cheapest_mix(p)) / static_cast<double>(weights);
+  const double hi = static_cast<double>(dearest_mix(p)) / static_cast<double>(weights);
+  const auto budget_bits = static_cast<std::int64_t>(std::floor(a.budget * static_cast<double>(weights) + 1e-9));
+  if (budget_bits < cheapest_mix(p) || a.budget > hi * (1 + 1e-12))
+    doc.fail(a.budget_mark, fmt::format("allocation budget {} bits per weight ({}) is outside the reachable range "
+                                        "[{:.4f}, {:.4f}] of arm '{}' on this model (cheapest mix, dearest mix of its "
+                                        "candidates)",
+                                        param_value_text(a.budget), a.metric == "paper" ? "paper" : "all-in", lo, hi,
+                                        name));
+  ArmSpec spec = make_spec(doc, arm, name);
+  AllocationSpec as;
+  as.allocator = a.allocator.ref();
+  as.budget = a.budget;
+  as.metric = a.metric;
+  as.unit = a.unit;
+  as.loss = a.loss;
+  for (const auto& c : a.candidates) {
+    CandidateSpec cs;
+    cs.label = c.label;
+    if (c.mask) cs.mask = c.mask->ref();
+    cs.quantizer = c.quantizer.ref();
+    cs.whole_layer = c.whole_layer;
+    as.candidates.push_back(std::move(cs));
+  }
+  as.budget_bits = budget_bits;
+  as.weights = weights;
+  as.min_bits = lo;
+  as.max_bits = hi;
+  spec.allocation = std::move(as);
+  out.push_back(std::move(spec));
+}
+
 // Expands one arm's sweep into final arms (just the arm when it has no sweep).
-std::vector<ArmSpec> expand(const Doc& doc, const SchemaSource& schemas, const std::vector<LinearShape>& shapes,
-                            const ArmDraft& draft) {
+std::vector<ArmSpec> expand(const Doc& doc, const SchemaSource& schemas, const LlamaConfig& config,
+                            const std::vector<LinearShape>& shapes, const ArmDraft& draft) {
   std::map<std::string, int> param_uses;
   for (const auto& a : draft.axes) ++param_uses[a.param];
   std::vector<ArmSpec> out;
@@ -1093,10 +1349,17 @@ std::vector<ArmSpec> expand(const Doc& doc, const SchemaSource& schemas, const s
     for (std::size_t a = 0; a < draft.axes.size(); ++a) {
       const Axis& axis = draft.axes[a];
       const ParamValue& v = axis.values[combo[a]];
-      axis_component(arm, axis)->given[axis.param] = v;
+      if (axis.target == Axis::Target::allocator && axis.param == "budget") {
+        arm.alloc->budget = std::get<double>(v);
+        arm.alloc->budget_mark = axis.mark;
+      } else {
+        axis_component(arm, axis)->given[axis.param] = v;
+      }
       name += "-" + (param_uses[axis.param] > 1 ? axis.path : axis.param) + param_value_text(v);
     }
-    if (arm.budget)
+    if (arm.alloc)
+      expand_allocation(doc, schemas, config, arm, name, out);
+    else if (arm.budget)
       expand_budget(doc, schemas, shapes, arm, name, out);
     else
       out.push_back(make_spec(doc, arm, name));
@@ -1115,6 +1378,10 @@ class RegistrySchemas final : public SchemaSource {
   BitCount predict_bits(const ComponentRef& quantizer, const std::optional<ComponentRef>& mask,
                         const std::vector<LinearShape>& shapes) const override {
     return predict_arm_bits(registry_, quantizer, mask, shapes);
+  }
+  bool quantizes_whole_layers(const ComponentRef& quantizer) const override {
+    return registry_.make_quantizer(quantizer.name, quantizer.params)->granularity() ==
+           Quantizer::Granularity::decoder_layer;
   }
 
  private:
@@ -1231,7 +1498,7 @@ Experiment load_experiment(const fs::path& yaml_file, const SchemaSource& schema
   std::map<std::string, int> names;  // name -> line of the arm that made it
   for (std::size_t i = 0; i < arms.value.size(); ++i) {
     const ArmDraft draft = read_arm(doc, schemas, arms.value[i], i, base);
-    for (auto& arm : expand(doc, schemas, shapes, draft)) {
+    for (auto& arm : expand(doc, schemas, config, shapes, draft)) {
       auto [pos, inserted] = names.emplace(arm.name, draft.name_mark.line + 1);
       if (!inserted)
         doc.fail(draft.name_mark, fmt::format("duplicate arm name '{}'{} (first made at line {})", arm.name,

@@ -44,12 +44,14 @@ const char* component_kind_name(ComponentKind kind) {
     case ComponentKind::mask: return "mask";
     case ComponentKind::preprocessor: return "preprocessor";
     case ComponentKind::evaluator: return "evaluator";
+    case ComponentKind::allocator: return "allocator";
   }
   return "?";
 }
 
 std::optional<ComponentKind> parse_component_kind(const std::string& text) {
-  for (auto k : {ComponentKind::quantizer, ComponentKind::mask, ComponentKind::preprocessor, ComponentKind::evaluator})
+  for (auto k : {ComponentKind::quantizer, ComponentKind::mask, ComponentKind::preprocessor, ComponentKind::evaluator,
+                 ComponentKind::allocator})
     if (text == component_kind_name(k)) return k;
   return std::nullopt;
 }

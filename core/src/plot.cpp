@@ -19,6 +19,9 @@
 
 #include "ptqlab/error.hpp"
 #include "ptqlab/report.hpp"
+#include "ptqlab/results.hpp"
+
+#include <yaml-cpp/yaml.h>
 
 namespace ptqlab {
 
@@ -114,6 +117,7 @@ std::string num(double v) { return fmt::format("{:.17g}", v); }
 // One method's point in one plot.
 struct MethodPoint {
   std::string method;
+  bool allocated = false;  // a mixed-precision arm: its own front
   std::vector<double> bits, values;
   std::vector<std::string> statuses;
 };
@@ -244,7 +248,7 @@ std::vector<PlotOutput> make_plots(const std::vector<std::filesystem::path>& inp
       if (it == e.values.end() && e.status == "ok") continue;  // not evaluated on this dataset: no point
       auto& methods = plots[{e.model, key}];
       auto m = std::find_if(methods.begin(), methods.end(), [&](const MethodPoint& p) { return p.method == e.method; });
-      if (m == methods.end()) m = methods.insert(methods.end(), MethodPoint{e.method, {}, {}, {}});
+      if (m == methods.end()) m = methods.insert(methods.end(), MethodPoint{e.method, e.allocated, {}, {}, {}});
       m->bits.push_back(o.x == "paper" ? e.bits_paper : e.bits_all_in);
       m->values.push_back(it != e.values.end() ? it->second : std::nan(""));
       m->statuses.push_back(e.status);
@@ -285,7 +289,20 @@ std::vector<PlotOutput> make_plots(const std::vector<std::filesystem::path>& inp
     std::vector<std::size_t> by_bits(points.size());
     for (std::size_t i = 0; i < by_bits.size(); ++i) by_bits[i] = i;
     std::stable_sort(by_bits.begin(), by_bits.end(), [&](auto a, auto b) { return points[a].bits < points[b].bits; });
-    const auto front = pareto_front(points);
+    // With allocated (mixed-precision) arms in the plot, uniform and allocated arms get a front each.
+    bool any_allocated = false, any_uniform = false;
+    for (const auto* m : plotted) (m->allocated ? any_allocated : any_uniform) = true;
+    auto front_of = [&](bool allocated) {
+      std::vector<PlotPoint> sub;
+      std::vector<std::size_t> index;
+      for (std::size_t i = 0; i < points.size(); ++i)
+        if (plotted[i]->allocated == allocated) sub.push_back(points[i]), index.push_back(i);
+      std::vector<std::size_t> out;
+      for (std::size_t j : pareto_front(sub)) out.push_back(index[j]);
+      return out;
+    };
+    const auto front = any_allocated ? front_of(false) : pareto_front(points);
+    const auto allocated_front = any_allocated ? front_of(true) : std::vector<std::size_t>{};
 
     const std::string metric_title = evaluator == "perplexity" && o.metric == "ppl" ? "perplexity" : column + " " + o.metric;
     const std::string x_title =
@@ -319,8 +336,14 @@ std::vector<PlotOutput> make_plots(const std::vector<std::filesystem::path>& inp
       dat += fmt::format("{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\n", num(points[i].bits), num(points[i].value), num(lows[k]),
                          num(highs[k]), num(sds[k]), m.values.size(), m.method, num(lx), num(ly));
     }
-    dat += "\n\n# block 1: the Pareto front (lowest value for given bits), by bits\n# bits\tvalue\tmethod\n";
+    dat += fmt::format("\n\n# block 1: the Pareto front{} (lowest value for given bits), by bits\n# bits\tvalue\tmethod\n",
+                       any_allocated ? " of the uniform arms" : "");
     for (std::size_t i : front) dat += fmt::format("{}\t{}\t{}\n", num(points[i].bits), num(points[i].value), plotted[i]->method);
+    if (any_allocated) {
+      dat += "\n\n# block 2: the Pareto front of the allocated (mixed-precision) arms, by bits\n# bits\tvalue\tmethod\n";
+      for (std::size_t i : allocated_front)
+        dat += fmt::format("{}\t{}\t{}\n", num(points[i].bits), num(points[i].value), plotted[i]->method);
+    }
 
     const std::string dat_name = out.stem + ".dat";
     std::string gp = fmt::format(
@@ -343,11 +366,18 @@ std::vector<PlotOutput> make_plots(const std::vector<std::filesystem::path>& inp
     if (!out.notes.empty())
       gp += fmt::format("set label 1 {} at graph 0.01, graph 0.03 left noenhanced font \",9\"\n",
                         gp_quote("not plotted (NaN/inf): " + fmt::format("{}", fmt::join(out.notes, ", "))));
-    const std::string plot_cmd = fmt::format(
+    std::string plot_cmd = fmt::format(
         "plot {0} index 0 using 1:2:3:4 with yerrorbars pt 7 ps 1.3 lc rgb \"#1f77b4\" title \"method (mean, ±1 std)\", \\\n"
-        "     {0} index 0 using 8:9:7 with labels left font \",9\" noenhanced notitle, \\\n"
-        "     {0} index 1 using 1:2 with linespoints lw 2 pt 6 ps 2.4 lc rgb \"#d62728\" title \"Pareto front\"\n",
+        "     {0} index 0 using 8:9:7 with labels left font \",9\" noenhanced notitle",
         gp_quote(dat_name));
+    if (!any_allocated || any_uniform)
+      plot_cmd += fmt::format(", \\\n     {} index 1 using 1:2 with linespoints lw 2 pt 6 ps 2.4 lc rgb \"#d62728\" title {}",
+                              gp_quote(dat_name), gp_quote(any_allocated ? "Pareto front (uniform)" : "Pareto front"));
+    if (any_allocated)
+      plot_cmd += fmt::format(", \\\n     {} index 2 using 1:2 with linespoints lw 2 dt 2 pt 4 ps 2.4 lc rgb \"#2ca02c\" "
+                              "title \"Pareto front (allocated)\"",
+                              gp_quote(dat_name));
+    plot_cmd += "\n";
     for (std::size_t i = 0; i < o.formats.size(); ++i) {
       const auto t = terminal_of(o.formats[i]);
       const std::string image = out.stem + "." + t.ext;
@@ -366,6 +396,100 @@ std::vector<PlotOutput> make_plots(const std::vector<std::filesystem::path>& inp
     for (const auto& f : out.files)
       if (!std::filesystem::exists(f) || std::filesystem::file_size(f) == 0)
         throw Error(fmt::format("{}: gnuplot did not write it", f.string()));
+    outputs.push_back(out);
+  }
+  return outputs;
+}
+
+}  // namespace ptqlab
+
+namespace ptqlab {
+
+std::vector<PlotOutput> make_allocation_heatmaps(const std::vector<std::filesystem::path>& inputs, const PlotOptions& o) {
+  std::string gnuplot = o.gnuplot;
+  if (gnuplot.empty()) {
+    const char* env = std::getenv("PTQLAB_GNUPLOT");
+    gnuplot = env != nullptr && *env != '\0' ? env : "gnuplot";
+  }
+  std::vector<PlotOutput> outputs;
+  for (const auto& file : find_result_files(inputs)) {
+    const ArmResult r = read_arm_result(file);
+    if (!r.allocation) continue;
+    const auto& a = *r.allocation;
+    const std::size_t K = a.candidates.size();
+    std::string model = "model";
+    try {
+      model = std::filesystem::path(YAML::Load(r.config_yaml)["model"].as<std::string>()).filename().string();
+    } catch (const YAML::Exception&) {
+    }
+    PlotOutput out;
+    out.stem = safe_name(model + "-" + r.arm + "-allocation");
+    // One cell per (layer, linear): the all-in bits per weight of its unit's chosen candidate.
+    const std::vector<std::string> rows = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"};
+    int layers = 0;
+    std::string dat = fmt::format("# ptqlab plot: allocation of {} ({}, budget {} bits per weight {}, {})\n", r.arm,
+                                  a.allocator, a.budget, a.metric, a.status);
+    dat += "# layer\tlinear_index\tbits_per_weight\tcandidate\tlinear\n";
+    double lo = INFINITY, hi = -INFINITY;
+    for (std::size_t u = 0; u < a.units.size(); ++u) {
+      const int c = a.choice[u];
+      const double bpw = static_cast<double>(a.bits_allin[u * K + c]) / static_cast<double>(a.unit_weights[u]);
+      lo = std::min(lo, bpw), hi = std::max(hi, bpw);
+      layers = std::max(layers, a.unit_layer[u] + 1);
+      std::size_t start = 0;
+      const std::string& members = a.unit_linears[u];
+      while (start <= members.size()) {
+        const auto comma = members.find(',', start);
+        const std::string lin = members.substr(start, comma == std::string::npos ? std::string::npos : comma - start);
+        const auto row = std::find(rows.begin(), rows.end(), lin) - rows.begin();
+        dat += fmt::format("{}\t{}\t{}\t{}\t{}\n", a.unit_layer[u], row, num(bpw), a.candidates[c], lin);
+        if (comma == std::string::npos) break;
+        start = comma + 1;
+      }
+    }
+    if (!(hi > lo)) hi = lo + 1;
+    const std::string dat_name = out.stem + ".dat";
+    std::string ytics;
+    for (std::size_t i = 0; i < rows.size(); ++i) ytics += fmt::format("{}{} {}", i ? ", " : "", gp_quote(rows[i]), i);
+    const double achieved = a.weights > 0 ? a.ledger_allin_bits / static_cast<double>(a.weights) : 0.0;
+    std::string gp = fmt::format(
+        "# Made by ptqlab plot from {}. Edit and rerun in this directory: gnuplot {}.gp\n"
+        "set datafile separator \"\\t\"\n"
+        "set title {} noenhanced\n"
+        "set xlabel \"decoder layer\"\n"
+        "set ylabel \"linear\"\n"
+        "set xrange [-0.5:{}]\n"
+        "set yrange [-0.5:6.5] reverse\n"
+        "set xtics 1\n"
+        "set ytics ({})\n"
+        "set cblabel \"all-in bits per weight of the chosen candidate\"\n"
+        "set cbrange [{}:{}]\n"
+        "set palette defined (0 \"#fff5eb\", 1 \"#fd8d3c\", 2 \"#7f2704\")\n"
+        "unset key\n",
+        file.filename().string(), out.stem,
+        gp_quote(fmt::format("{}: {} {} (budget {} {}, achieved {:.4f} all-in, {})", model, r.arm, a.allocator,
+                             a.budget, a.metric, achieved, a.status)),
+        layers - 0.5, ytics, num(lo), num(hi));
+    const std::string plot_cmd = fmt::format(
+        "plot {0} using 1:2:3 with image, \\\n"
+        "     {0} using 1:2:4 with labels font \",8\" noenhanced\n",
+        gp_quote(dat_name));
+    for (std::size_t i = 0; i < o.formats.size(); ++i) {
+      const auto t = terminal_of(o.formats[i]);
+      const std::string image = out.stem + "." + t.ext;
+      gp += fmt::format("set terminal {}\nset output {}\n", t.setting, gp_quote(image));
+      gp += i == 0 ? plot_cmd : "replot\n";
+      out.files.push_back(o.out / image);
+    }
+    gp += "unset output\n";
+    std::filesystem::create_directories(o.out);
+    write_file(o.out / dat_name, dat);
+    write_file(o.out / (out.stem + ".gp"), gp);
+    out.files.insert(out.files.begin(), {o.out / dat_name, o.out / (out.stem + ".gp")});
+    const auto [status, text] = run_program(gnuplot, {out.stem + ".gp"}, o.out);
+    if (status != 0)
+      throw Error(fmt::format("{}: gnuplot failed (exit status {}): {}", (o.out / (out.stem + ".gp")).string(), status,
+                              first_line(text)));
     outputs.push_back(out);
   }
   return outputs;

@@ -41,6 +41,7 @@ struct Entry {
   Factory<Mask> mask;
   Factory<Preprocessor> preprocessor;
   Factory<Evaluator> evaluator;
+  Factory<Allocator> allocator;
 };
 
 using Key = std::pair<ComponentKind, std::string>;
@@ -80,6 +81,9 @@ class LibraryRegistrar : public PluginRegistrar {
   }
   void add_evaluator(ComponentSchema schema, Factory<Evaluator> make) override {
     add(ComponentKind::evaluator, std::move(schema), [&](Entry& e) { e.evaluator = std::move(make); });
+  }
+  void add_allocator(ComponentSchema schema, Factory<Allocator> make) override {
+    add(ComponentKind::allocator, std::move(schema), [&](Entry& e) { e.allocator = std::move(make); });
   }
 
   std::vector<Entry> take() { return std::move(entries_); }
@@ -215,6 +219,7 @@ PTQLAB_MAKE(Quantizer, quantizer, ComponentKind::quantizer)
 PTQLAB_MAKE(Mask, mask, ComponentKind::mask)
 PTQLAB_MAKE(Preprocessor, preprocessor, ComponentKind::preprocessor)
 PTQLAB_MAKE(Evaluator, evaluator, ComponentKind::evaluator)
+PTQLAB_MAKE(Allocator, allocator, ComponentKind::allocator)
 #undef PTQLAB_MAKE
 
 std::filesystem::path PluginRegistry::default_plugin_dir() {

@@ -36,8 +36,11 @@ void collect_switches(const YAML::Node& arm, std::map<std::string, std::string>&
 
 std::optional<double> budget_target_bits(const std::string& config_yaml) {
   try {
-    const YAML::Node n = YAML::Load(config_yaml)["arm"]["budget"]["target_bits"];
+    const YAML::Node arm = YAML::Load(config_yaml)["arm"];
+    const YAML::Node n = arm["budget"]["target_bits"];
     if (n && n.IsScalar()) return n.as<double>();
+    const YAML::Node a = arm["allocation"]["budget"];
+    if (a && a.IsScalar()) return a.as<double>();
   } catch (const YAML::Exception&) {
   }
   return std::nullopt;
@@ -56,6 +59,7 @@ ResultEntry load_result_entry(const std::filesystem::path& file, const std::stri
     e.model = std::filesystem::path(cfg["model"].as<std::string>()).filename().string();
     collect_switches(cfg["arm"], e.switches);
     e.target_bits = budget_target_bits(r.config_yaml);
+    e.allocated = r.allocation.has_value();
   } catch (const YAML::Exception& ex) {
     throw Error(fmt::format("{}: the stored /config is not valid YAML ({})", file.string(), ex.what()));
   }

@@ -254,6 +254,61 @@ void write_logged(hid_t root, const std::string& root_name, const std::string& p
   d.close("closing " + full);
 }
 
+// /allocation (docs/results-schema.md): the certificate as attributes, the table as [units,
+// candidates] datasets, units and candidates as string columns.
+template <class T>
+void write_vector(hid_t g, const std::string& name, const std::vector<T>& v, const std::vector<hsize_t>& dims,
+                  hid_t file_type, hid_t mem_type) {
+  const std::string full = "/allocation/" + name;
+  Id d = write_dataset(g, name, full, file_type, mem_type, dims, v.data());
+  d.close("closing " + full);
+}
+
+void write_allocation(hid_t file, const AllocationRecord& a) {
+  Id g = create_group(file, "allocation", "/allocation");
+  const std::string n = "/allocation";
+  attr_string(g, n, "allocator", a.allocator);
+  attr_string(g, n, "status", a.status);
+  attr_string(g, n, "metric", a.metric);
+  attr_string(g, n, "unit", a.unit);
+  attr_string(g, n, "loss", a.loss);
+  attr_string(g, n, "table_key", a.table_key);
+  attr_i32(g, n, "table_from_cache", a.table_from_cache ? 1 : 0);
+  attr_f64(g, n, "budget", a.budget);
+  attr_i64(g, n, "budget_bits", a.budget_bits);
+  attr_i64(g, n, "weights", a.weights);
+  attr_i64(g, n, "solver_bits", a.solver_bits);
+  attr_f64(g, n, "solver_loss", a.solver_loss);
+  attr_f64(g, n, "lower_bound", a.lower_bound);
+  attr_f64(g, n, "solve_seconds", a.solve_seconds);
+  attr_f64(g, n, "measure_seconds", a.measure_seconds);
+  attr_f64(g, n, "ledger_allin_bits", a.ledger_allin_bits);
+  attr_f64(g, n, "ledger_paper_bits", a.ledger_paper_bits);
+  {
+    Id info = create_group(g, "info", "/allocation/info");
+    for (const auto& [k, v] : a.info) attr_f64(info, "/allocation/info", k, v);
+    info.close("closing /allocation/info");
+  }
+  auto strings = [&](const char* name, const std::vector<std::string>& v) {
+    std::vector<const char*> p;
+    for (const auto& x : v) p.push_back(x.c_str());
+    write_string_column(g, name, n + "/" + name, p);
+  };
+  strings("units", a.units);
+  strings("unit_linears", a.unit_linears);
+  strings("candidates", a.candidates);
+  const hsize_t U = a.units.size(), K = a.candidates.size();
+  write_vector(g, "unit_layer", a.unit_layer, {U}, H5T_STD_I32LE, H5T_NATIVE_INT32);
+  write_vector(g, "unit_weights", a.unit_weights, {U}, H5T_STD_I64LE, H5T_NATIVE_INT64);
+  write_vector(g, "choice", a.choice, {U}, H5T_STD_I32LE, H5T_NATIVE_INT32);
+  write_vector(g, "bits_allin", a.bits_allin, {U, K}, H5T_STD_I64LE, H5T_NATIVE_INT64);
+  write_vector(g, "bits_paper", a.bits_paper, {U, K}, H5T_STD_I64LE, H5T_NATIVE_INT64);
+  write_vector(g, "loss_hess", a.loss_hess, {U, K}, H5T_IEEE_F64LE, H5T_NATIVE_DOUBLE);
+  write_vector(g, "loss_mse", a.loss_mse, {U, K}, H5T_IEEE_F64LE, H5T_NATIVE_DOUBLE);
+  write_vector(g, "seconds", a.seconds, {U, K}, H5T_IEEE_F64LE, H5T_NATIVE_DOUBLE);
+  g.close("closing /allocation");
+}
+
 void write_contents(hid_t file, const ArmResult& r) {
   attr_i32(file, "/", "schema_version", kResultSchemaVersion);
   attr_string(file, "/", "arm", r.arm);
@@ -354,6 +409,8 @@ void write_contents(hid_t file, const ArmResult& r) {
     attr_f64(g, "/bits", "paper_per_weight", b.paper_per_weight());
     g.close("closing /bits");
   }
+
+  if (r.allocation) write_allocation(file, *r.allocation);
 
   {
     Id g = create_group(file, "tensors", "/tensors");
@@ -465,6 +522,16 @@ void validate(const ArmResult& r) {
     }
   }
   for (const auto& l : r.linears) check_text(l.linear, fmt::format("linear name of layer {}", l.layer));
+  if (const auto& a = r.allocation) {
+    const std::size_t U = a->units.size(), K = a->candidates.size();
+    for (const auto* v : {&a->units, &a->unit_linears, &a->candidates})
+      for (const auto& x : *v) check_text(x, "allocation name");
+    for (const auto& kv : a->info) check_attr_name(kv.first, "allocation info name");
+    if (a->unit_linears.size() != U || a->unit_layer.size() != U || a->unit_weights.size() != U || a->choice.size() != U ||
+        a->bits_allin.size() != U * K || a->bits_paper.size() != U * K || a->loss_hess.size() != U * K ||
+        a->loss_mse.size() != U * K || a->seconds.size() != U * K)
+      throw Failure("allocation table columns do not match its units and candidates");
+  }
 
   std::vector<std::string> paths;
   for (const auto& t : r.tensors) {
@@ -818,6 +885,63 @@ std::vector<std::string> read_string_dataset(hid_t d, const std::string& what, s
                       [&](hid_t mem, void* buf) { return H5Dread(d, mem, H5S_ALL, H5S_ALL, H5P_DEFAULT, buf); });
 }
 
+AllocationRecord read_allocation(hid_t file) {
+  AllocationRecord a;
+  const std::string n = "/allocation";
+  Id g = open_group(file, "allocation", n);
+  a.allocator = read_attr_string(g, n, "allocator");
+  a.status = read_attr_string(g, n, "status");
+  a.metric = read_attr_string(g, n, "metric");
+  a.unit = read_attr_string(g, n, "unit");
+  a.loss = read_attr_string(g, n, "loss");
+  a.table_key = read_attr_string(g, n, "table_key");
+  a.table_from_cache = attr_int64(g, n, "table_from_cache") != 0;
+  a.budget = attr_double(g, n, "budget");
+  a.budget_bits = attr_int64(g, n, "budget_bits");
+  a.weights = attr_int64(g, n, "weights");
+  a.solver_bits = attr_int64(g, n, "solver_bits");
+  a.solver_loss = attr_double(g, n, "solver_loss");
+  a.lower_bound = attr_double(g, n, "lower_bound");
+  a.solve_seconds = attr_double(g, n, "solve_seconds");
+  a.measure_seconds = attr_double(g, n, "measure_seconds");
+  a.ledger_allin_bits = attr_double(g, n, "ledger_allin_bits");
+  a.ledger_paper_bits = attr_double(g, n, "ledger_paper_bits");
+  {
+    Id info = open_group(g, "info", n + "/info");
+    for (const auto& k : attr_names(info, n + "/info")) a.info[k] = attr_double(info, n + "/info", k);
+  }
+  auto strings = [&](const char* name) {
+    Id d = open_dataset(g, name, n + "/" + name);
+    std::vector<hsize_t> dims;
+    auto v = read_string_dataset(d, n + "/" + name, dims);
+    if (dims.size() != 1) throw Failure(n + "/" + name + " is not one-dimensional");
+    return v;
+  };
+  a.units = strings("units");
+  a.unit_linears = strings("unit_linears");
+  a.candidates = strings("candidates");
+  const std::size_t U = a.units.size(), K = a.candidates.size();
+  auto numbers = [&](const char* name, auto tag, hid_t mem, H5T_class_t cls, std::size_t count) {
+    using T = decltype(tag);
+    Id d = open_dataset(g, name, n + "/" + name);
+    auto v = read_numeric<T>(d, n + "/" + name, mem, cls);
+    if (v.size() != count) throw Failure(fmt::format("{}/{} has {} values, expected {}", n, name, v.size(), count));
+    return v;
+  };
+  a.unit_layer = numbers("unit_layer", std::int32_t{}, H5T_NATIVE_INT32, H5T_INTEGER, U);
+  a.unit_weights = numbers("unit_weights", std::int64_t{}, H5T_NATIVE_INT64, H5T_INTEGER, U);
+  a.choice = numbers("choice", std::int32_t{}, H5T_NATIVE_INT32, H5T_INTEGER, U);
+  if (a.unit_linears.size() != U) throw Failure(n + "/unit_linears does not match /allocation/units");
+  for (auto c : a.choice)
+    if (c < 0 || static_cast<std::size_t>(c) >= K) throw Failure(n + "/choice names a candidate that does not exist");
+  a.bits_allin = numbers("bits_allin", std::int64_t{}, H5T_NATIVE_INT64, H5T_INTEGER, U * K);
+  a.bits_paper = numbers("bits_paper", std::int64_t{}, H5T_NATIVE_INT64, H5T_INTEGER, U * K);
+  a.loss_hess = numbers("loss_hess", double{}, H5T_NATIVE_DOUBLE, H5T_FLOAT, U * K);
+  a.loss_mse = numbers("loss_mse", double{}, H5T_NATIVE_DOUBLE, H5T_FLOAT, U * K);
+  a.seconds = numbers("seconds", double{}, H5T_NATIVE_DOUBLE, H5T_FLOAT, U * K);
+  return a;
+}
+
 // Every dataset below `group`, with its path relative to the root of the walk.
 void visit_datasets(hid_t group, const std::string& group_name, const std::string& prefix,
                     const std::function<void(const std::string& rel, hid_t dataset, const std::string& full)>& fn) {
@@ -1006,6 +1130,8 @@ ArmResult read_contents(hid_t file) {
     b.masks = attr_double(g, "/bits", "masks");
     b.paper = attr_double(g, "/bits", "paper");
   }
+
+  if (const htri_t e = H5Lexists(file, "allocation", H5P_DEFAULT); e > 0) r.allocation = read_allocation(file);
 
   r.tensors = read_logged<LoggedTensor>(file, "/tensors", [](LoggedTensor& t, hid_t d, const std::string& full) {
     std::vector<hsize_t> dims;

@@ -16,6 +16,7 @@
 #include <tbb/parallel_for.h>
 #include <tbb/task_arena.h>
 
+#include "ptqlab/allocation_stage.hpp"
 #include "ptqlab/artifact_cache.hpp"
 #include "ptqlab/build_info.hpp"
 #include "ptqlab/calibration.hpp"
@@ -170,6 +171,8 @@ struct ArmComponents {
   std::vector<std::shared_ptr<Preprocessor>> preprocessors;
   std::shared_ptr<Mask> mask;
   std::shared_ptr<Quantizer> quantizer;
+  std::shared_ptr<Allocator> allocator;            // allocated arms (docs/allocation.md)
+  std::vector<CandidateComponents> candidates;     // allocated arms: the candidates' quantizers and masks
 };
 
 // What every arm reads and nobody writes: computed once before the arms start.
@@ -179,6 +182,7 @@ struct SharedArtifacts {
   std::vector<std::vector<int>> calibration;
   std::map<std::filesystem::path, std::vector<int>> streams;  // dataset file -> BOS + ids
   ModelInputStats input_stats;                                // empty unless a component needs it
+  std::map<std::string, AllocationTable> allocation_tables;   // content key -> table (allocated arms)
 };
 
 // A text's token stream from the cache, or tokenized; `store_key` is set when the caller should
@@ -273,9 +277,16 @@ RunReport run_experiment(const Experiment& exp, const PluginRegistry& registry, 
     // A factory may refuse a combination of valid parameters: that arm fails, the others run.
     try {
       for (const auto& p : arm.preprocessors) c.preprocessors.push_back(registry.make_preprocessor(p.name, p.params));
-      if (arm.mask) c.mask = registry.make_mask(arm.mask->name, arm.mask->params);
-      c.quantizer = registry.make_quantizer(arm.quantizer.name, arm.quantizer.params);
-      need_stats = need_stats || c.quantizer->needs_input_stats() || (c.mask && c.mask->needs_input_stats());
+      if (arm.allocation) {
+        c.allocator = registry.make_allocator(arm.allocation->allocator.name, arm.allocation->allocator.params);
+        c.candidates = make_candidates(registry, *arm.allocation);
+        for (const auto& k : c.candidates)
+          need_stats = need_stats || k.quantizer->needs_input_stats() || (k.mask && k.mask->needs_input_stats());
+      } else {
+        if (arm.mask) c.mask = registry.make_mask(arm.mask->name, arm.mask->params);
+        c.quantizer = registry.make_quantizer(arm.quantizer.name, arm.quantizer.params);
+        need_stats = need_stats || c.quantizer->needs_input_stats() || (c.mask && c.mask->needs_input_stats());
+      }
     } catch (const Error& e) {
       component_errors[i] = e.what();
       c = ArmComponents{};
@@ -355,6 +366,46 @@ RunReport run_experiment(const Experiment& exp, const PluginRegistry& registry, 
                       fmt::format("|seed:{}", exp.seed);
   }
 
+  // Allocation tables, once per content key, before any arm: every budget and allocator of a sweep
+  // shares one measurement (docs/allocation.md).
+  for (std::size_t i = 0; i < todo.size(); ++i) {
+    const ArmSpec& arm = *todo[i];
+    if (!arm.allocation || !component_errors[i].empty()) continue;
+    const std::string key = allocation_table_key(
+        model_key(exp.model_dir) + "|calibration:" +
+            sha256_hex(std::string(reinterpret_cast<const char*>(calibration_tokens.data()),
+                                   calibration_tokens.size() * sizeof(std::int32_t))) +
+            fmt::format("|seed:{}", exp.seed),
+        *arm.allocation);
+    if (shared.allocation_tables.count(key) != 0) continue;
+    const auto t0 = Clock::now();
+    MeasureOptions mo;
+    mo.input_stats = &shared.input_stats;
+    mo.seed = exp.seed;
+    mo.status = [&](const std::string& what) { monitor.stage("shared", what); };
+    bool loaded = false;
+    try {
+      tbb::task_arena arena(options.jobs);
+      arena.execute([&] {
+        shared.allocation_tables[key] = cached_allocation_table(cache, key, shared.model, shared.calibration,
+                                                                *arm.allocation, components[i].candidates, mo, &loaded);
+      });
+    } catch (const Stopped&) {  // SIGTERM while measuring: no arm has started
+      monitor.finish();
+      for (const ArmSpec* a : todo)
+        report.arms.push_back({a->name, ArmOutcome::Status::stopped, "not started", options.out_dir / (a->name + ".h5"), {}});
+      report.seconds = seconds_since(run_start);
+      return report;
+    } catch (const Error& e) {
+      component_errors[i] = fmt::format("allocation table: {}", e.what());
+      continue;
+    }
+    const auto& t = shared.allocation_tables[key];
+    monitor.step("shared", fmt::format("allocation table {}x{} {} in {:.2f}s", t.units.size(), t.candidates.size(),
+                                       loaded ? "loaded from the cache" : "measured", seconds_since(t0)));
+  }
+  monitor.stage_done("shared");
+
   // 3. The arms, in parallel. Each arm's result goes to the single writer thread. The result
   // directory is made only now, so a bad input found above leaves nothing behind.
   std::filesystem::create_directories(options.out_dir, out_error);
@@ -409,10 +460,30 @@ RunReport run_experiment(const Experiment& exp, const PluginRegistry& registry, 
       LlamaModel model = shared.model;  // each arm quantizes its own copy
       const ModelInputStats* stats = &shared.input_stats;
       ModelInputStats preprocessed_stats;
+      // An allocated arm solves its table first; the plan gives every linear its candidate.
+      std::optional<AllocationOutcome> allocation;
+      if (arm.allocation) {
+        stage(fmt::format("allocation ({})", arm.allocation->allocator.name));
+        const std::string key = allocation_table_key(
+            model_key(exp.model_dir) + "|calibration:" +
+                sha256_hex(std::string(reinterpret_cast<const char*>(calibration_tokens.data()),
+                                       calibration_tokens.size() * sizeof(std::int32_t))) +
+                fmt::format("|seed:{}", exp.seed),
+            *arm.allocation);
+        allocation = solve_allocation(shared.allocation_tables.at(key), *arm.allocation, *comp.allocator,
+                                      comp.candidates);
+        const auto& rec = allocation->record;
+        monitor.step(arm.name, fmt::format("allocation {}: {} bits of {} ({:.4f} per weight), table loss {:.6g}, {} in "
+                                           "{:.3f}s",
+                                           rec.allocator, rec.solver_bits, rec.budget_bits,
+                                           static_cast<double>(rec.solver_bits) / static_cast<double>(rec.weights),
+                                           rec.solver_loss, rec.status, rec.solve_seconds));
+      }
       auto quantize = [&](LlamaModel& m, TensorLog* tensor_log) {
         LayerwiseOptions lo;
         lo.quantizer = comp.quantizer.get();
         lo.mask = comp.mask.get();
+        if (allocation) lo.plan = allocation->plan;
         lo.input_stats = stats;
         lo.log = tensor_log;
         lo.seed = exp.seed;
@@ -488,8 +559,13 @@ RunReport run_experiment(const Experiment& exp, const PluginRegistry& registry, 
       const auto tq = Clock::now();
       r.linears = quantize(model, &log);
       for (const auto& l : r.linears) r.total_bits += l.bits;
+      if (allocation) {  // the ledger confirms the budget (never exceeded)
+        confirm_allocation_budget(*arm.allocation, r.linears, allocation->record);
+        r.allocation = allocation->record;
+      }
       monitor.step(arm.name, fmt::format("quantized {} linears with {} in {:.2f}s: {:.3f} bits/weight (paper), {:.3f} (all-in)",
-                                         r.linears.size(), arm.quantizer.name, seconds_since(tq),
+                                         r.linears.size(), arm.allocation ? "the allocation" : arm.quantizer.name,
+                                         seconds_since(tq),
                                          r.total_bits.paper_per_weight(), r.total_bits.all_in_per_weight()));
       evaluate(model, "");
       out.status = ArmOutcome::Status::completed;

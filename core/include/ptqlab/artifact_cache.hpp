@@ -1,6 +1,6 @@
 #pragma once
 // On-disk, content-addressed cache of artifacts that many arms, runs and Slurm jobs share: token
-// streams of text files and FP input statistics. A key is a sha256 over everything the artifact
+// streams of text files, FP input statistics, merged models and allocation tables. A key is a sha256 over everything the artifact
 // depends on; files are written to a temporary name and renamed, so readers never see a partial
 // entry, and a corrupt entry is ignored (recomputed), never trusted.
 #include <filesystem>
@@ -20,6 +20,9 @@ class ArtifactCache {
   const std::filesystem::path& dir() const { return dir_; }
 
   std::optional<std::vector<int>> load_tokens(const std::string& key) const;
+  // A text entry (the allocation stage's loss[unit][candidate] table, as JSON).
+  std::optional<std::string> load_text(const std::string& key) const;
+  void store_text(const std::string& key, const std::string& text) const;
   void store_tokens(const std::string& key, const std::vector<int>& tokens) const;
   std::optional<ModelInputStats> load_stats(const std::string& key) const;
   void store_stats(const std::string& key, const ModelInputStats& stats) const;

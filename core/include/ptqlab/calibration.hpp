@@ -39,6 +39,14 @@ void accumulate_gram(const Matrix& x, Eigen::MatrixXd& sum);
 struct LayerwiseOptions {
   Quantizer* quantizer = nullptr;
   Mask* mask = nullptr;                            // optional
+  // Mixed precision (the allocation stage, docs/allocation.md): the quantizer and mask of each
+  // linear, plan[layer][kAllLinears index]; empty: `quantizer` and `mask` everywhere. A
+  // decoder-layer quantizer must be the choice of all seven linears of its layer.
+  struct LinearChoice {
+    Quantizer* quantizer = nullptr;
+    Mask* mask = nullptr;
+  };
+  std::vector<std::array<LinearChoice, 7>> plan;
   const ModelInputStats* input_stats = nullptr;    // FP statistics, when a component needs them
   TensorLog* log = nullptr;
   std::uint64_t seed = 0;

@@ -36,12 +36,36 @@ struct BudgetSpec {
   double predicted_bits = 0;  // predicted all-in bits per weight with it (<= target_bits)
 };
 
+// One candidate configuration of an allocated arm (docs/allocation.md).
+struct CandidateSpec {
+  std::string label;               // "name:" in the file, else made from the components
+  std::optional<ComponentRef> mask;
+  ComponentRef quantizer;
+  bool whole_layer = false;        // the quantizer works per decoder layer (unit must be 'layer')
+};
+
+// An arm's allocation stage: measure every (unit, candidate), solve under the budget, quantize.
+struct AllocationSpec {
+  ComponentRef allocator;          // an allocator plugin component
+  double budget = 0;               // target bits per weight over all quantized linears
+  std::string metric = "allin";    // allin | paper: which ledger count the budget limits
+  std::string unit = "linear";     // linear | tie (q/k/v, gate/up) | layer
+  std::string loss = "hess";       // hess | out_mse: which measured loss the allocator minimises
+  std::vector<CandidateSpec> candidates;
+  // Resolved when loaded: floor(budget * weights), and the reachable range (bits per weight) of the
+  // predicted table, [cheapest mix, dearest mix].
+  std::int64_t budget_bits = 0;
+  std::int64_t weights = 0;
+  double min_bits = 0, max_bits = 0;
+};
+
 struct ArmSpec {
   std::string name;                         // unique, [A-Za-z0-9._-]+, file name of its result
   std::vector<ComponentRef> preprocessors;  // applied in order
   std::optional<ComponentRef> mask;
   ComponentRef quantizer;
   std::optional<BudgetSpec> budget;  // when a sweep budget chose a parameter
+  std::optional<AllocationSpec> allocation;  // allocated arms: quantizer is unused (name empty)
   std::string resolved_yaml;  // the arm's fully resolved configuration, canonical YAML
   std::string config_hash;    // sha256 hex of resolved_yaml: the resume key
 };
@@ -101,6 +125,8 @@ class SchemaSource {
   // default: no prediction available.
   virtual BitCount predict_bits(const ComponentRef& quantizer, const std::optional<ComponentRef>& mask,
                                 const std::vector<LinearShape>& shapes) const;
+  // Whether the quantizer works per decoder layer (block reconstruction); default false.
+  virtual bool quantizes_whole_layers(const ComponentRef& /*quantizer*/) const { return false; }
 };
 
 // A SchemaSource over a fixed list of schemas, for validating experiments without loading

@@ -28,7 +28,7 @@ struct ParamSpec {
 };
 
 // Which plugin interface a component implements.
-enum class ComponentKind { quantizer, mask, preprocessor, evaluator };
+enum class ComponentKind { quantizer, mask, preprocessor, evaluator, allocator };
 const char* component_kind_name(ComponentKind kind);  // "quantizer", ...
 std::optional<ComponentKind> parse_component_kind(const std::string& text);
 

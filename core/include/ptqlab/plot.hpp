@@ -48,4 +48,11 @@ struct PlotOutput {
 // failure.
 std::vector<PlotOutput> make_plots(const std::vector<std::filesystem::path>& inputs, const PlotOptions& options);
 
+// Per-layer bits heatmaps of allocated (mixed-precision) results: one picture per result file with
+// an /allocation group, layers across and q/k/v/o/gate/up/down down, each cell coloured by the
+// all-in bits per weight of its unit's chosen candidate and labelled with the candidate
+// (<model>-<arm>-allocation.{dat,gp,png}). Call after make_plots (which checks options and gnuplot).
+std::vector<PlotOutput> make_allocation_heatmaps(const std::vector<std::filesystem::path>& inputs,
+                                                 const PlotOptions& options);
+
 }  // namespace ptqlab

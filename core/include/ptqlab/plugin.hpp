@@ -20,12 +20,13 @@
 
 #include <Eigen/Core>
 
+#include "ptqlab/allocation.hpp"
 #include "ptqlab/bits.hpp"
 #include "ptqlab/forward.hpp"
 #include "ptqlab/model.hpp"
 #include "ptqlab/params.hpp"
 
-#define PTQLAB_PLUGIN_ABI_VERSION 4
+#define PTQLAB_PLUGIN_ABI_VERSION 5
 
 namespace ptqlab {
 
@@ -128,7 +129,7 @@ struct LayerContext {
 };
 
 // ----------------------------------------------------------------------------------------------
-// The four kinds of component.
+// The five kinds of component (Allocator, the fifth, is declared in ptqlab/allocation.hpp).
 
 class Quantizer {
  public:
@@ -227,6 +228,7 @@ class PluginRegistrar {
   virtual void add_mask(ComponentSchema schema, Factory<Mask> make) = 0;
   virtual void add_preprocessor(ComponentSchema schema, Factory<Preprocessor> make) = 0;
   virtual void add_evaluator(ComponentSchema schema, Factory<Evaluator> make) = 0;
+  virtual void add_allocator(ComponentSchema schema, Factory<Allocator> make) = 0;
 };
 
 class PluginRegistry {
@@ -251,6 +253,7 @@ class PluginRegistry {
   std::shared_ptr<Mask> make_mask(const std::string& name, const Params& params) const;
   std::shared_ptr<Preprocessor> make_preprocessor(const std::string& name, const Params& params) const;
   std::shared_ptr<Evaluator> make_evaluator(const std::string& name, const Params& params) const;
+  std::shared_ptr<Allocator> make_allocator(const std::string& name, const Params& params) const;
 
   // The plugin directory of this build (next to the ptqlab library), or empty.
   static std::filesystem::path default_plugin_dir();

@@ -28,6 +28,7 @@ struct ResultEntry {
   std::string status;  // "ok" or "failed"
   double bits_paper = 0, bits_all_in = 0;
   std::optional<double> target_bits;            // the arm's bit budget (all-in), if a budget chose it
+  bool allocated = false;                       // a mixed-precision arm (allocation stage, docs/allocation.md)
   std::map<std::string, std::string> switches;  // "quantizer.bits" -> "2", ...
   std::map<std::string, double> values;         // "evaluator/dataset" -> the chosen metric's value
 };
@@ -35,7 +36,8 @@ struct ResultEntry {
 // Reads one result file (throws ptqlab::Error naming it when it is not one).
 ResultEntry load_result_entry(const std::filesystem::path& file, const std::string& metric);
 
-// The all-in bit budget recorded in a resolved arm config (arm.budget.target_bits), if any.
+// The bit budget recorded in a resolved arm config (arm.budget.target_bits, or an allocated arm's
+// arm.allocation.budget), if any.
 std::optional<double> budget_target_bits(const std::string& config_yaml);
 
 // Result files (*.h5, dot files skipped) found under the given files or directories, sorted.

@@ -50,6 +50,35 @@ struct LoggedSeries {
   std::vector<double> values;
 };
 
+// The allocation stage of an allocated arm (docs/results-schema.md, group /allocation): the
+// measured table, the solver's certificate and the chosen candidate per unit.
+struct AllocationRecord {
+  std::string allocator;  // allocator plugin name
+  std::string status;     // the solver's status ("optimal", "optimal (GLPK 5.0)", "feasible", ...)
+  std::string metric, unit, loss;  // budget metric (allin|paper), unit kind, loss kind (hess|out_mse)
+  std::string table_key;           // content hash of the table (shared by arms with the same key)
+  bool table_from_cache = false;
+  double budget = 0;                 // bits per weight asked for
+  std::int64_t budget_bits = 0;      // floor(budget * weights)
+  std::int64_t weights = 0;          // weights of all quantized linears
+  std::int64_t solver_bits = 0;      // the table's bits of the choice
+  double solver_loss = 0;            // the table's loss of the choice
+  double lower_bound = 0;            // the solver's lower bound on the optimum (NaN: none)
+  double solve_seconds = 0;
+  double measure_seconds = 0;        // the table's total measurement time (when it was measured)
+  double ledger_allin_bits = 0, ledger_paper_bits = 0;  // after quantization, from the ledger
+  std::map<std::string, double> info;  // solver details
+  std::vector<std::string> candidates;
+  std::vector<std::string> units;
+  std::vector<std::int32_t> unit_layer;
+  std::vector<std::string> unit_linears;  // members joined by ','
+  std::vector<std::int64_t> unit_weights;
+  std::vector<std::int32_t> choice;       // candidate index per unit
+  // [units x candidates], row-major.
+  std::vector<std::int64_t> bits_allin, bits_paper;
+  std::vector<double> loss_hess, loss_mse, seconds;
+};
+
 struct ArmResult {
   std::string arm;                 // arm name (the file is <arm>.h5)
   std::string experiment;          // experiment name
@@ -68,6 +97,7 @@ struct ArmResult {
   std::vector<LoggedTensor> tensors;
   std::vector<LoggedSeries> series;
   double seconds = 0;  // wall time of the arm
+  std::optional<AllocationRecord> allocation;  // allocated arms only
 };
 
 // Writes `result` to `path` atomically: a temporary file in the same directory, fsync'ed, then
