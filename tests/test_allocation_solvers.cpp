@@ -14,11 +14,9 @@ namespace ptqlab {
 namespace {
 
 const PluginRegistry& registry() {
-  static PluginRegistry r = [] {
-    PluginRegistry reg;
-    reg.add_search_path(PluginRegistry::default_plugin_dir());
-    return reg;
-  }();
+  static PluginRegistry r;
+  static const bool loaded = (r.add_search_path(PluginRegistry::default_plugin_dir()), true);
+  (void)loaded;
   return r;
 }
 
@@ -200,7 +198,7 @@ TEST(AllocationSolvers, LowerHullDropsDominatedAndNonConvexPoints) {
   EXPECT_EQ(lower_hull(cost, loss), (std::vector<int>{0, 2, 4}));
 }
 
-TEST(AllocationSolvers, BaqEqualisesLossPerWeightWhenUnclamped) {
+TEST(AllocationSolvers, BaqClosedFormIsNearOptimalOnItsOwnLossModel) {
   // Candidates at rates 1..8 bits/weight on units of different sizes; the losses follow BAQ's model
   // exactly, so the rounded closed form should match the DP's optimum on the model table closely.
   AllocationProblem p;

@@ -181,7 +181,10 @@ AllocationOutcome solve_allocation(const AllocationTable& t, const AllocationSpe
     r.units.push_back(unit.name);
     r.unit_layer.push_back(unit.layer);
     std::string members;
-    for (Linear w : unit.linears) members += (members.empty() ? "" : ",") + std::string(linear_name(w));
+    for (Linear w : unit.linears) {
+      if (!members.empty()) members += ',';
+      members += linear_name(w);
+    }
     r.unit_linears.push_back(members);
     r.unit_weights.push_back(unit.weights);
     r.choice.push_back(a.choice[u]);
