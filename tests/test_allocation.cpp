@@ -10,6 +10,7 @@
 #include "ptqlab/allocation_stage.hpp"
 #include "ptqlab/error.hpp"
 #include "ptqlab/experiment.hpp"
+#include "ptqlab/plot.hpp"
 #include "ptqlab/plugin.hpp"
 #include "ptqlab/results.hpp"
 #include "ptqlab/runner.hpp"
@@ -115,6 +116,7 @@ TEST(Allocation, RealRunSharesOneTableAndMeetsEveryBudget) {
                             "    sweep:\n      grid: {allocator.budget: [2.8, 3.4, 4.0]}\n"
                             "  - name: ilp\n    allocator: {name: ilp, budget: 3.4}\n" + kGptqCandidates +
                             "  - name: mse\n    allocator: {name: greedy, budget: 3.4, loss: out_mse}\n" + kGptqCandidates +
+                            "  - name: tie\n    allocator: {name: dp, budget: 3.4, unit: tie}\n" + kGptqCandidates +
                             "  - name: g3\n    quantizer: {name: gptq, params: {bits: 3, group_size: 32}}\n");
   const auto x = load_experiment(yaml, registry());
   RunOptions o;
@@ -153,6 +155,18 @@ TEST(Allocation, RealRunSharesOneTableAndMeetsEveryBudget) {
       EXPECT_EQ(a.status, "optimal");
     }
   }
+  // Tied units (q/k/v, o, gate/up, down) sum the same per-linear table: no second measurement.
+  const auto& tie = *r["tie"].allocation;
+  EXPECT_EQ(tie.table_key, a34.table_key);
+  ASSERT_EQ(tie.units.size(), 20u);
+  EXPECT_EQ(tie.units[0], "layer0/qkv");
+  EXPECT_EQ(tie.unit_linears[0], "q_proj,k_proj,v_proj");
+  for (std::size_t k = 0; k < K; ++k)
+    EXPECT_NEAR(tie.loss_hess[k], a34.loss_hess[k] + a34.loss_hess[K + k] + a34.loss_hess[2 * K + k],
+                1e-12 * tie.loss_hess[k]);
+  EXPECT_LE(r["tie"].total_bits.all_in(), static_cast<double>(tie.budget_bits));
+  EXPECT_GE(tie.solver_loss, a34.solver_loss);  // a tie is a constraint: never better than free linears
+
   // The integer program finds the DP's optimum at the same budget.
   EXPECT_NEAR(r["ilp"].allocation->solver_loss, a34.solver_loss, 1e-6 * a34.solver_loss);
   EXPECT_NE(r["ilp"].allocation->status.find("GLPK"), std::string::npos);
@@ -168,6 +182,21 @@ TEST(Allocation, RealRunSharesOneTableAndMeetsEveryBudget) {
   double uniform3 = 0;
   for (std::size_t u = 0; u < U; ++u) uniform3 += a4.loss_hess[u * K + 1];
   EXPECT_LE(a4.solver_loss, uniform3);
+
+  // ptqlab plot: uniform and allocated arms get a front each; one heatmap per allocated result,
+  // one cell per (layer, linear) with the chosen candidate's bits.
+  PlotOptions po;
+  po.out = f.dir.path() / "plots";
+  const auto plots = make_plots({o.out_dir}, po);
+  ASSERT_FALSE(plots.empty());
+  const auto dat = test::read_file(po.out / (plots[0].stem + ".dat"));
+  EXPECT_NE(dat.find("# block 2: the Pareto front of the allocated"), std::string::npos) << dat;
+  const auto maps = make_allocation_heatmaps({o.out_dir}, po);
+  ASSERT_EQ(maps.size(), 6u);  // dp x 3 budgets, ilp, mse, tie; not the uniform g3
+  const auto cells = test::read_file(po.out / "stories260K-dp-budget3.4-allocation.dat");
+  EXPECT_EQ(std::count(cells.begin(), cells.end(), '\n'), 2 + 35);
+  EXPECT_NE(cells.find("4\t6\t"), std::string::npos);  // layer 4, down_proj
+  EXPECT_GT(fs::file_size(po.out / "stories260K-dp-budget3.4-allocation.png"), 1000u);
 
   // A second run with the same cache loads the table instead of measuring it.
   RunOptions o2 = o;

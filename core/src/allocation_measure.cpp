@@ -60,7 +60,7 @@ AllocationTable measure_allocation_table(const LlamaModel& model, const std::vec
   const std::size_t K = candidates.size();
 
   AllocationTable t;
-  t.units = allocation_units(c, spec.unit);
+  t.units = allocation_units(c, "linear");  // arms sum it into their units
   t.num_layers = c.num_layers;
   for (const auto& cand : spec.candidates) t.candidates.push_back(cand.label);
   const std::size_t U = t.units.size();

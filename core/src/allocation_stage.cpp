@@ -31,12 +31,42 @@ std::string allocation_table_key(const std::string& base, const AllocationSpec& 
     for (const auto& [name, value] : c.params.values()) text += "|" + name + "=" + param_value_text(value);
     return text;
   };
-  std::string material = base + "|allocation-table/v1/fp-chain|unit:" + spec.unit;
+  std::string material = base + "|allocation-table/v2/fp-chain/per-linear";
   for (const auto& c : spec.candidates) {
     material += "|candidate:" + c.label + "|quantizer:" + component(c.quantizer);
     if (c.mask) material += "|mask:" + component(*c.mask);
   }
-  return "allocation-table/v1/" + sha256_hex(material);
+  return "allocation-table/v2/" + sha256_hex(material);
+}
+
+AllocationTable aggregate_allocation_table(const AllocationTable& per_linear, const std::vector<AllocationUnit>& units) {
+  const std::size_t K = per_linear.candidates.size();
+  if (per_linear.units.size() != static_cast<std::size_t>(per_linear.num_layers) * kAllLinears.size())
+    throw std::logic_error("aggregate_allocation_table: not a per-linear table");
+  AllocationTable t;
+  t.units = units;
+  t.candidates = per_linear.candidates;
+  t.num_layers = per_linear.num_layers;
+  t.key = per_linear.key;
+  t.from_cache = per_linear.from_cache;
+  const std::size_t U = units.size();
+  t.bits_allin.assign(U, std::vector<std::int64_t>(K, 0));
+  t.bits_paper.assign(U, std::vector<std::int64_t>(K, 0));
+  t.loss_hess.assign(U, std::vector<double>(K, 0.0));
+  t.loss_mse.assign(U, std::vector<double>(K, 0.0));
+  t.seconds.assign(U, std::vector<double>(K, 0.0));
+  for (std::size_t u = 0; u < U; ++u)
+    for (Linear w : units[u].linears) {
+      const std::size_t i = static_cast<std::size_t>(units[u].layer) * kAllLinears.size() + static_cast<std::size_t>(w);
+      for (std::size_t k = 0; k < K; ++k) {
+        t.bits_allin[u][k] += per_linear.bits_allin[i][k];
+        t.bits_paper[u][k] += per_linear.bits_paper[i][k];
+        t.loss_hess[u][k] += per_linear.loss_hess[i][k];
+        t.loss_mse[u][k] += per_linear.loss_mse[i][k];
+        t.seconds[u][k] += per_linear.seconds[i][k];
+      }
+    }
+  return t;
 }
 
 std::string allocation_table_json(const AllocationTable& t) {

@@ -401,7 +401,8 @@ RunReport run_experiment(const Experiment& exp, const PluginRegistry& registry, 
       continue;
     }
     const auto& t = shared.allocation_tables[key];
-    monitor.step("shared", fmt::format("allocation table {}x{} {} in {:.2f}s", t.units.size(), t.candidates.size(),
+    monitor.step("shared", fmt::format("allocation table {} linears x {} candidates {} in {:.2f}s", t.units.size(),
+                                       t.candidates.size(),
                                        loaded ? "loaded from the cache" : "measured", seconds_since(t0)));
   }
   monitor.stage_done("shared");
@@ -470,8 +471,9 @@ RunReport run_experiment(const Experiment& exp, const PluginRegistry& registry, 
                                        calibration_tokens.size() * sizeof(std::int32_t))) +
                 fmt::format("|seed:{}", exp.seed),
             *arm.allocation);
-        allocation = solve_allocation(shared.allocation_tables.at(key), *arm.allocation, *comp.allocator,
-                                      comp.candidates);
+        const auto table = aggregate_allocation_table(shared.allocation_tables.at(key),
+                                                      allocation_units(shared.model.config, arm.allocation->unit));
+        allocation = solve_allocation(table, *arm.allocation, *comp.allocator, comp.candidates);
         const auto& rec = allocation->record;
         monitor.step(arm.name, fmt::format("allocation {}: {} bits of {} ({:.4f} per weight), table loss {:.6g}, {} in "
                                            "{:.3f}s",

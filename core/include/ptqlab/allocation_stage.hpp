@@ -36,13 +36,19 @@ struct MeasureOptions {
   std::function<void(const std::string&)> status;  // progress: "layer 2/5, candidate 3/4 (ETA ...)"
 };
 
-// The content hash of a table: `base` (model key, calibration windows, seed) plus the units and the
-// candidates' components. Budgets, metrics and allocators are not part of it: they share the table.
+// The content hash of a table: `base` (model key, calibration windows, seed) plus the candidates'
+// components. Budgets, metrics, unit kinds and allocators are not part of it: the table is measured
+// per linear and every arm sums it into its own units (aggregate_allocation_table).
 std::string allocation_table_key(const std::string& base, const AllocationSpec& spec);
 
 // tr(ΔW H ΔWᵀ) with ΔW = wq - w, in double (the `hess` loss of one linear).
 double hessian_weighted_error(const Matrix& w, const Matrix& wq, const Eigen::MatrixXd& h);
 
+// The per-linear table (units "layer<l>/<linear>", layer-major, kAllLinears order: what
+// measure_allocation_table makes) summed into `units` (bits, losses and seconds add up).
+AllocationTable aggregate_allocation_table(const AllocationTable& per_linear, const std::vector<AllocationUnit>& units);
+
+// Measures the per-linear table (spec.unit is not used: see aggregate_allocation_table).
 AllocationTable measure_allocation_table(const LlamaModel& model, const std::vector<std::vector<int>>& windows,
                                          const AllocationSpec& spec, const std::vector<CandidateComponents>& candidates,
                                          const MeasureOptions& options);
