@@ -34,7 +34,10 @@ struct Files {
     const auto path = dir.path() / name;
     std::ofstream(path) << "model: " << test::model_dir("stories260K").string() << "\ncalibration:\n  text: "
                         << test::data_file("tinystories/calib.txt").string() << "\n  nsamples: 4\n  seq_len: 64\narms:\n"
-                        << arms;
+                        << arms
+                        // after the arms, so that the arms' line numbers stay as written above
+                        << "eval:\n  - evaluator: perplexity\n    params: {max_windows: 2, seq_len: 64}\n"
+                        << "    datasets: {calib: " << test::data_file("tinystories/calib.txt").string() << "}\n";  // tokenized once
     return path;
   }
 };
@@ -201,6 +204,7 @@ TEST(Allocation, RealRunSharesOneTableAndMeetsEveryBudget) {
   // A second run with the same cache loads the table instead of measuring it.
   RunOptions o2 = o;
   o2.out_dir = f.dir.path() / "out2";
+  o2.arms_glob = "dp-budget3.4";
   ASSERT_EQ(run_experiment(x, registry(), o2).failed(), 0);
   const auto again = read_arm_result(o2.out_dir / "dp-budget3.4.h5");
   EXPECT_TRUE(again.allocation->table_from_cache);
