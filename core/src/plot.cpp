@@ -459,7 +459,7 @@ std::vector<PlotOutput> make_allocation_heatmaps(const std::vector<std::filesyst
         "set xlabel \"decoder layer\"\n"
         "set ylabel \"linear\"\n"
         "set xrange [-0.5:{}]\n"
-        "set yrange [-0.5:6.5] reverse\n"
+        "set yrange [6.5:-0.5]\n"
         "set xtics 1\n"
         "set ytics ({})\n"
         "set cblabel \"all-in bits per weight of the chosen candidate\"\n"

@@ -7,9 +7,11 @@
 #include <set>
 
 #include <fmt/format.h>
+#include <fmt/ranges.h>
 #include <yaml-cpp/yaml.h>
 
 #include "ptqlab/error.hpp"
+#include "ptqlab/plot.hpp"
 #include "ptqlab/results.hpp"
 
 namespace ptqlab {
@@ -302,6 +304,7 @@ std::string make_report(const std::vector<std::filesystem::path>& inputs, const 
   }
 
   std::vector<std::vector<Cell>> cells(row_order.size(), std::vector<Cell>(columns.size()));
+  std::vector<double> row_all_in(row_order.size(), 0.0);  // mean all-in bits per row (Pareto notes)
   for (std::size_t r = 0; r < row_order.size(); ++r) {
     const auto& g = groups[row_order[r]];
     std::vector<double> paper, all_in, targets;
@@ -316,6 +319,7 @@ std::string make_report(const std::vector<std::filesystem::path>& inputs, const 
     for (const auto* e : g) {
       paper.push_back(e->bits_paper);
       all_in.push_back(e->bits_all_in);
+      row_all_in[r] += e->bits_all_in / static_cast<double>(g.size());
       if (e->target_bits) targets.push_back(*e->target_bits);
       statuses.insert(e->status);
       for (std::size_t c = 0; c < columns.size(); ++c) {
@@ -371,6 +375,31 @@ std::string make_report(const std::vector<std::filesystem::path>& inputs, const 
     for (const auto& c : row) any_seeds = any_seeds || c.values.size() > 1;
   if (any_seeds) t.notes.push_back("Cells with several runs show mean ± sample standard deviation over seeds.");
   t.notes.push_back(fmt::format("Metric: {}; bits per weight of the quantized linear layers (docs/bit-accounting.md).", o.metric));
+  // With allocated (mixed-precision) arms: the Pareto fronts over all-in bits of the uniform rows
+  // and of the allocated rows, per metric column (docs/allocation.md).
+  bool any_allocated = false;
+  for (const auto& e : entries) any_allocated = any_allocated || e.allocated;
+  if (any_allocated && o.format != "csv") {
+    for (std::size_t c = 0; c < columns.size(); ++c) {
+      std::string note = fmt::format("Pareto fronts over all-in bits, {}:", column_title(columns[c]));
+      for (const bool allocated : {false, true}) {
+        std::vector<PlotPoint> points;
+        std::vector<std::size_t> rows;
+        for (std::size_t r = 0; r < row_order.size(); ++r)
+          if (groups[row_order[r]].front()->allocated == allocated && !cells[r][c].empty()) {
+            points.push_back({row_all_in[r], cells[r][c].mean()});
+            rows.push_back(r);
+          }
+        std::vector<std::string> items;
+        for (std::size_t i : pareto_front(points))
+          items.push_back(fmt::format("{} ({:.3f}, {})", t.rows[rows[i]][0], points[i].bits, number(points[i].value)));
+        note += fmt::format(" {} {};", allocated ? "allocated" : "uniform",
+                            items.empty() ? std::string("–") : fmt::format("{}", fmt::join(items, ", ")));
+      }
+      note.back() = '.';
+      t.notes.push_back(note);
+    }
+  }
   return render(t, o.format);
 }
 
