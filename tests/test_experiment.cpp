@@ -1323,8 +1323,8 @@ arms:
       grid:
         quantiser.bits: [2, 3]
 )",
-               9, 9, "unknown sweep axis 'quantiser.bits': expected quantizer.<param>, mask.<param> or "
-                     "preprocess.<index>.<param> (did you mean 'quantizer'?)");
+               9, 9, "unknown sweep axis 'quantiser.bits': expected quantizer.<param>, mask.<param>, "
+                     "preprocess.<index>.<param>, allocator.budget or allocator.<param> (did you mean 'quantizer'?)");
 }
 
 TEST_F(Experiments, ErrorSweepMalformedAxis) {
