@@ -10,6 +10,7 @@
 #include "ptqlab/allocation_stage.hpp"
 #include "ptqlab/error.hpp"
 #include "ptqlab/forward.hpp"
+#include "ptqlab/gptq.hpp"
 #include "ptqlab/progress.hpp"
 #include "ptqlab/stop.hpp"
 
@@ -107,6 +108,8 @@ AllocationTable measure_allocation_table(const LlamaModel& model, const std::vec
     for (int i = 0; i < 4; ++i) hess[i] = cap.xtx[i] * (2.0 / static_cast<double>(cap.tokens));
     auto hessian_of = [&hess](Linear which) -> const Eigen::MatrixXd& { return hess[static_cast<int>(input_of(which))]; };
     if (need_fp) streams.fp = streams.quant;
+    // Every candidate sees the same FP Hessians: one inverse factor per input and dampening for all.
+    InverseFactorCache factors;
 
     for (std::size_t k = 0; k < K; ++k) {
       throw_if_stop_requested();
@@ -131,6 +134,9 @@ AllocationTable measure_allocation_table(const LlamaModel& model, const std::vec
         ctx.seed = options.seed;
         ctx.log_prefix = fmt::format("layer{}/{}", l, linear_name(which));
         ctx.hessian = [&hessian_of, which]() -> const Eigen::MatrixXd& { return hessian_of(which); };
+        ctx.inverse_factor = [&factors, &hessian_of, which](double percdamp, const std::string& what) {
+          return factors.get(static_cast<int>(input_of(which)), hessian_of(which), percdamp, what);
+        };
         ctx.input_stats = [&stats_of, l, which]() -> const InputStats& { return stats_of(l, which); };
         return ctx;
       };
