@@ -12,6 +12,7 @@
 #include "ptqlab/experiment.hpp"
 #include "ptqlab/plot.hpp"
 #include "ptqlab/plugin.hpp"
+#include "ptqlab/report.hpp"
 #include "ptqlab/results.hpp"
 #include "ptqlab/runner.hpp"
 #include "test_support.hpp"
@@ -200,6 +201,12 @@ TEST(Allocation, RealRunSharesOneTableAndMeetsEveryBudget) {
   EXPECT_EQ(std::count(cells.begin(), cells.end(), '\n'), 2 + 35);
   EXPECT_NE(cells.find("4\t6\t"), std::string::npos);  // layer 4, down_proj
   EXPECT_GT(fs::file_size(po.out / "stories260K-dp-budget3.4-allocation.png"), 1000u);
+
+  // ptqlab report: allocated arms show their budget as the target, and the fronts are listed.
+  const auto md = make_report({o.out_dir}, ReportOptions{});
+  EXPECT_NE(md.find("| target bits |"), std::string::npos) << md;
+  EXPECT_NE(md.find("| 3.400 |"), std::string::npos) << md;
+  EXPECT_NE(md.find("Pareto fronts over all-in bits, stories260K calib: uniform g3 ("), std::string::npos) << md;
 
   // A second run with the same cache loads the table instead of measuring it.
   RunOptions o2 = o;

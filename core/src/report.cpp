@@ -39,10 +39,13 @@ void collect_switches(const YAML::Node& arm, std::map<std::string, std::string>&
 std::optional<double> budget_target_bits(const std::string& config_yaml) {
   try {
     const YAML::Node arm = YAML::Load(config_yaml)["arm"];
-    const YAML::Node n = arm["budget"]["target_bits"];
-    if (n && n.IsScalar()) return n.as<double>();
-    const YAML::Node a = arm["allocation"]["budget"];
-    if (a && a.IsScalar()) return a.as<double>();
+    // A missing key gives an invalid node, and indexing that throws: look one level at a time.
+    for (const char* key : {"budget", "allocation"}) {
+      const YAML::Node b = arm[key];
+      if (!b || !b.IsMap()) continue;
+      const YAML::Node n = b[std::string(key) == "budget" ? "target_bits" : "budget"];
+      if (n && n.IsScalar()) return n.as<double>();
+    }
   } catch (const YAML::Exception&) {
   }
   return std::nullopt;
