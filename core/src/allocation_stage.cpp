@@ -31,12 +31,12 @@ std::string allocation_table_key(const std::string& base, const AllocationSpec& 
     for (const auto& [name, value] : c.params.values()) text += "|" + name + "=" + param_value_text(value);
     return text;
   };
-  std::string material = base + "|allocation-table/v2/fp-chain/per-linear";
+  std::string material = base + "|allocation-table/v3/fp-chain/per-linear/mse-16384";
   for (const auto& c : spec.candidates) {
     material += "|candidate:" + c.label + "|quantizer:" + component(c.quantizer);
     if (c.mask) material += "|mask:" + component(*c.mask);
   }
-  return "allocation-table/v2/" + sha256_hex(material);
+  return "allocation-table/v3/" + sha256_hex(material);
 }
 
 AllocationTable aggregate_allocation_table(const AllocationTable& per_linear, const std::vector<AllocationUnit>& units) {
