@@ -14,6 +14,7 @@
 #include "ptqlab/build_info.hpp"
 #include "ptqlab/error.hpp"
 #include "ptqlab/generate.hpp"
+#include "ptqlab/memory_model.hpp"
 #include "ptqlab/model.hpp"
 #include "ptqlab/perplexity.hpp"
 #include "ptqlab/progress.hpp"
@@ -55,7 +56,7 @@ Tokenizer load_tokenizer(const std::string& model_dir) {
 }  // namespace
 
 int cmd_ppl(const Args& args) {
-  std::string model_dir, text_path;
+  std::string model_dir, text_path, memory_limit;
   int seq_len = 0, threads = 0, batch_windows = 0;
   long long max_windows = 0;
   po::options_description desc("ptqlab ppl options");
@@ -66,6 +67,7 @@ int cmd_ppl(const Args& args) {
       ("max-windows", po::value(&max_windows)->default_value(0), "evaluate only the first K windows (0: all)")
       ("batch-windows", po::value(&batch_windows)->default_value(0), "windows per forward call (0: ~4096 tokens)")
       ("threads", po::value(&threads)->default_value(0), "worker threads (0: all cores)")
+      ("memory-limit", po::value(&memory_limit), "memory it may use (e.g. 3G; default: what is available)")
       ("json", "print one JSON object instead of text");
   auto vm = parse("ppl", "--model DIR --text FILE [--seq-len N] [--max-windows K] [--json]", desc, args);
   if (!vm) return 0;
@@ -73,7 +75,7 @@ int cmd_ppl(const Args& args) {
   if (batch_windows < 0) throw Error(fmt::format("--batch-windows must be >= 0, got {}", batch_windows));
   auto thread_limit = limit_threads(threads);
 
-  const auto model = load_model(model_dir);
+  const auto model = open_model(model_dir);
   const auto tokenizer = load_tokenizer(model_dir);
   const auto text = read_utf8_text_file(text_path);
   const auto t0 = std::chrono::steady_clock::now();
@@ -90,6 +92,24 @@ int cmd_ppl(const Args& args) {
   options.seq_len = seq_len;
   options.max_windows = max_windows;
   options.batch_windows = batch_windows;
+
+  // The memory model, before the forward passes (docs/architecture.md, "Memory model").
+  MemoryEstimate estimate;
+  if (window >= 2 && window <= model.config.max_position_embeddings) {
+    long long windows = static_cast<long long>(stream.size()) / window;
+    if (max_windows > 0) windows = std::min(windows, max_windows);
+    estimate.shared = eval_memory(model, windows, window, batch_windows, 0);
+    estimate.shared.push_back({"token stream", static_cast<double>(stream.size()) * sizeof(int)});
+    estimate.shared.push_back({"model held in memory", static_cast<double>(model.resident_bytes())});
+  }
+  const double limit = memory_limit.empty() ? available_memory_bytes() : parse_memory_size(memory_limit, "--memory-limit");
+  if (limit > 0 && estimate.total_bytes() > limit)
+    throw Error(fmt::format("{}: predicted peak memory {} exceeds the {} available{}; lower --batch-windows or "
+                            "--seq-len, or set --memory-limit",
+                            model_dir, format_bytes(estimate.total_bytes()), format_bytes(limit),
+                            memory_limit.empty() ? "" : " (--memory-limit)"));
+  if (!vm->count("json")) fmt::print("memory    {}\n", estimate.describe());
+  std::fflush(stdout);
   const auto r = evaluate_perplexity(model, stream, options);
 
   if (vm->count("json")) {
@@ -105,6 +125,7 @@ int cmd_ppl(const Args& args) {
         {"eval_s", r.seconds},
         {"tokenize_s", tokenize_s},
         {"protocol", kPerplexityProtocol},
+        {"predicted_peak_bytes", estimate.total_bytes()},
         {"model", model_dir},
         {"text", text_path},
     };
@@ -139,7 +160,7 @@ int cmd_generate(const Args& args) {
   if (temperature < 0) throw Error(fmt::format("--temperature must be >= 0, got {}", temperature));
   auto thread_limit = limit_threads(threads);
 
-  const auto model = load_model(model_dir);
+  const auto model = open_model(model_dir);
   const auto tokenizer = load_tokenizer(model_dir);
   std::vector<int> ids = {model.config.bos_token_id};
   const auto prompt_ids = tokenizer.encode(prompt);
@@ -165,7 +186,7 @@ int cmd_info(const Args& args) {
       "json", "print one JSON object");
   auto vm = parse("info", "--model DIR [--json]", desc, args);
   if (!vm) return 0;
-  const auto model = load_model(model_dir);
+  const auto model = open_model(model_dir);
   const auto& c = model.config;
   if (vm->count("json")) {
     nlohmann::json j = {{"hidden_size", c.hidden_size},     {"intermediate_size", c.intermediate_size},

@@ -35,5 +35,6 @@ int cmd_plugins(const Args& args);
 int cmd_report(const Args& args);
 int cmd_plot(const Args& args);
 int cmd_sweep(const Args& args);
+int cmd_synth_model(const Args& args);
 
 }  // namespace ptqlab::cli

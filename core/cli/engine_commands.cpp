@@ -13,6 +13,7 @@
 #include "commands.hpp"
 #include "ptqlab/error.hpp"
 #include "ptqlab/experiment.hpp"
+#include "ptqlab/memory_model.hpp"
 #include "ptqlab/plugin.hpp"
 #include "ptqlab/report.hpp"
 #include "ptqlab/runner.hpp"
@@ -62,7 +63,7 @@ std::string param_range(const ParamSpec& p) {
 }  // namespace
 
 int cmd_run(const Args& args) {
-  std::string file, out, arms = "*", cache_dir;
+  std::string file, out, arms = "*", cache_dir, layer_store = "memory", memory_limit;
   int jobs = 1;
   std::vector<std::string> plugin_paths;
   po::options_description desc("ptqlab run options");
@@ -74,6 +75,9 @@ int cmd_run(const Args& args) {
       ("force", "recompute arms whose results already exist")
       ("cache-dir", po::value(&cache_dir), "on-disk cache of shared artifacts (default: <out>/.cache)")
       ("no-cache", "do not use an on-disk cache")
+      ("layer-store", po::value(&layer_store)->default_value("memory"),
+       "where arms keep quantized layers: memory (f32), or their own files under <out>: f32, f16, bf16")
+      ("memory-limit", po::value(&memory_limit), "memory the run may use (e.g. 6G; default: what is available)")
       ("plugin-path", po::value(&plugin_paths)->composing(), "extra plugin directory (repeatable)");
   po::positional_options_description pos;
   pos.add("experiment", 1);
@@ -97,6 +101,8 @@ int cmd_run(const Args& args) {
   options.arms_glob = arms;
   options.jobs = jobs;
   options.force = vm->count("force") > 0;
+  options.layer_store = layer_store;
+  if (!memory_limit.empty()) options.memory_limit = parse_memory_size(memory_limit, "--memory-limit");
   if (!vm->count("no-cache")) options.cache_dir = cache_dir.empty() ? options.out_dir / ".cache" : std::filesystem::path(cache_dir);
 
   fmt::print("experiment {} ({}): {} arms, model {}, results in {}\n", exp.name, exp.file.string(), exp.arms.size(),

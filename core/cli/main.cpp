@@ -30,6 +30,7 @@ const std::map<std::string, Command>& commands() {
       {"plugins", {ptqlab::cli::cmd_plugins, "list plugin components and their parameters"}},
       {"report", {ptqlab::cli::cmd_report, "paper tables (Markdown, LaTeX, CSV) from result files"}},
       {"plot", {ptqlab::cli::cmd_plot, "bits vs perplexity plots with the Pareto front (gnuplot) from result files"}},
+      {"synth-model", {ptqlab::cli::cmd_synth_model, "write a checkpoint at real LLaMA shapes with random weights (benchmarks)"}},
       {"sweep", {ptqlab::cli::cmd_sweep, "run an experiment's arms as a Slurm job array (--slurm), then a report job"}},
   };
   return table;
@@ -40,7 +41,7 @@ void print_help() {
       "ptqlab {} ({}): low-bit post-training quantization research framework\n\n"
       "usage: ptqlab <command> [options]\n       ptqlab <command> --help\n\ncommands:\n",
       ptqlab::version(), ptqlab::git_revision());
-  for (const auto& [name, cmd] : commands()) fmt::print("  {:<10} {}\n", name, cmd.summary);
+  for (const auto& [name, cmd] : commands()) fmt::print("  {:<12} {}\n", name, cmd.summary);
 }
 
 // One line whatever the message holds: control characters (from a tensor name, a quoted YAML

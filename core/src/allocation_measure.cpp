@@ -104,7 +104,7 @@ AllocationTable measure_allocation_table(const LlamaModel& model, const std::vec
   const auto t_start = Clock::now();
   const std::size_t steps = static_cast<std::size_t>(c.num_layers) * K;
   for (int l = 0; l < c.num_layers; ++l) {
-    const DecoderLayer& original = model.layers[l];
+    const DecoderLayer original = model.layer_copy(l);  // widened while this layer is measured
     CaptureObserver cap;
     for (std::size_t b = 0; b < streams.quant.size(); ++b) {
       Matrix h = streams.quant[b];

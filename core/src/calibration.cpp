@@ -135,15 +135,16 @@ ModelInputStats collect_input_stats(const LlamaModel& model, const std::vector<s
   const int seq_len = static_cast<int>(windows[0].size());
   const int per_batch = windows_per_batch(seq_len);
   StatsObserver observer(stats);
+  // Layer by layer over all batches: one layer's float32 weights at a time. The observer sees each
+  // layer's batches in batch order, as before, so the statistics are unchanged.
+  std::vector<Matrix> hidden;
+  std::vector<BatchShape> shapes;
   for (std::size_t first = 0; first < windows.size(); first += per_batch) {
     const auto n = std::min<std::size_t>(per_batch, windows.size() - first);
-    const auto tokens = flatten(windows, first, n);
-    Matrix hidden = embed_tokens(model, tokens);
-    const RopeTable rope(model.config.head_dim, model.config.rope_theta, seq_len);
-    for (int l = 0; l < model.config.num_layers; ++l)
-      decoder_layer_forward(model.config, model.layers[l], rope, BatchShape{static_cast<int>(n), seq_len}, hidden, l,
-                            &observer);
+    hidden.push_back(embed_tokens(model, flatten(windows, first, n)));
+    shapes.push_back(BatchShape{static_cast<int>(n), seq_len});
   }
+  decoder_forward_layer_major(model, hidden, shapes, &observer);
   for (auto& layer : stats)
     for (auto& s : layer)
       if (s.tokens > 0) s.mean_abs /= static_cast<float>(s.tokens);
@@ -191,7 +192,9 @@ std::vector<LinearRecord> quantize_layerwise(LlamaModel& model, const std::vecto
   std::vector<LinearRecord> records;
   for (int l = 0; l < c.num_layers; ++l) {
     if (options.on_layer) options.on_layer(l, c.num_layers);
-    auto& layer = model.layers[l];
+    // The layer's float32 weights exist only while it is quantized: a copy the quantizer changes
+    // and the original (records, FP stream, block reconstruction's target).
+    DecoderLayer layer = model.layer_copy(l);
     const DecoderLayer original = layer;
 
     // 1. Hessians of the inputs the FP layer sees on the quantized stream.
@@ -286,6 +289,11 @@ std::vector<LinearRecord> quantize_layerwise(LlamaModel& model, const std::vecto
         throw Error(fmt::format("layer {}: non-finite activations after quantization", l));
       if (keep_fp_stream) decoder_layer_forward(c, original, rope, streams.shapes[b], streams.fp[b]);
     }
+    if (options.keep_layer)
+      options.keep_layer(model, l, std::move(layer));
+    else
+      model.set_layer(l, std::move(layer));
+    if (options.after_layer) options.after_layer(l, records);
   }
   return records;
 }

@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <map>
 
 #include <fmt/format.h>
 #include <tbb/blocked_range.h>
@@ -55,7 +56,7 @@ RopeTable::RopeTable(int head_dim, double theta, int max_positions)
   }
 }
 
-void linear_forward(const Eigen::Ref<const Matrix>& x, const Matrix& w, Matrix& y) {
+void linear_forward(const Eigen::Ref<const Matrix>& x, const Eigen::Ref<const Matrix>& w, Matrix& y) {
   const Index n = x.rows(), out = w.rows(), in = w.cols();
   y.resize(n, out);
   // Small products: one Eigen GEMM call, no task overhead.
@@ -76,7 +77,7 @@ void linear_forward(const Eigen::Ref<const Matrix>& x, const Matrix& w, Matrix& 
       tbb::simple_partitioner());
 }
 
-void rms_norm(const Matrix& x, const Vector& weight, float eps, Matrix& out) {
+void rms_norm(const Matrix& x, const Eigen::Ref<const Vector>& weight, float eps, Matrix& out) {
   out.resize(x.rows(), x.cols());
   const float inv_cols = 1.0f / static_cast<float>(x.cols());
   tbb::parallel_for(tbb::blocked_range<Index>(0, x.rows(), 256), [&](const tbb::blocked_range<Index>& r) {
@@ -233,48 +234,43 @@ void causal_attention(const Matrix& q, const Matrix& k, const Matrix& v, int n_h
   });
 }
 
-Matrix embed_tokens(const LlamaModel& model, std::span<const int> tokens) {
-  const auto& e = model.embed;
-  Matrix hidden(static_cast<Index>(tokens.size()), e.cols());
-  for (std::size_t i = 0; i < tokens.size(); ++i) {
-    const int id = tokens[i];
-    if (id < 0 || id >= e.rows())
-      throw Error(fmt::format("token id {} at position {} is outside the vocabulary [0, {})", id, i, e.rows()));
-    hidden.row(static_cast<Index>(i)) = e.row(id);
-  }
-  return hidden;
-}
+Matrix embed_tokens(const LlamaModel& model, std::span<const int> tokens) { return model.embed_rows(tokens); }
 
 void decoder_layer_forward(const LlamaConfig& c, const DecoderLayer& layer, const RopeTable& rope, BatchShape shape,
+                           Matrix& hidden, int layer_index, ForwardObserver* observer) {
+  decoder_layer_forward(c, LayerView::of(layer), rope, shape, hidden, layer_index, observer);
+}
+
+void decoder_layer_forward(const LlamaConfig& c, const LayerView& layer, const RopeTable& rope, BatchShape shape,
                            Matrix& hidden, int layer_index, ForwardObserver* observer) {
   const float eps = static_cast<float>(c.rms_norm_eps);
   Matrix normed, q, k, v, attn, proj;
 
   // Attention block: h += o_proj(attention(rope(q), rope(k), v)).
-  rms_norm(hidden, layer.input_norm, eps, normed);
+  rms_norm(hidden, layer.input_norm.vector(), eps, normed);
   if (observer) observer->on_linear_input(layer_index, LinearInput::attn_in, normed, shape);
-  linear_forward(normed, layer.q_proj, q);
-  linear_forward(normed, layer.k_proj, k);
-  linear_forward(normed, layer.v_proj, v);
+  linear_forward(normed, layer.linear(Linear::q_proj), q);
+  linear_forward(normed, layer.linear(Linear::k_proj), k);
+  linear_forward(normed, layer.linear(Linear::v_proj), v);
   apply_rope(q, c.num_heads, c.head_dim, rope, shape);
   apply_rope(k, c.num_kv_heads, c.head_dim, rope, shape);
   causal_attention(q, k, v, c.num_heads, c.num_kv_heads, c.head_dim, shape, attn);
   if (observer) observer->on_linear_input(layer_index, LinearInput::o_in, attn, shape);
-  linear_forward(attn, layer.o_proj, proj);
+  linear_forward(attn, layer.linear(Linear::o_proj), proj);
   hidden += proj;
 
   // MLP block (SwiGLU): h += down(silu(gate(x)) * up(x)).
-  rms_norm(hidden, layer.post_norm, eps, normed);
+  rms_norm(hidden, layer.post_norm.vector(), eps, normed);
   if (observer) observer->on_linear_input(layer_index, LinearInput::mlp_in, normed, shape);
   Matrix gate, up;
-  linear_forward(normed, layer.gate_proj, gate);
-  linear_forward(normed, layer.up_proj, up);
+  linear_forward(normed, layer.linear(Linear::gate_proj), gate);
+  linear_forward(normed, layer.linear(Linear::up_proj), up);
   tbb::parallel_for(tbb::blocked_range<Index>(0, gate.rows(), 256), [&](const tbb::blocked_range<Index>& r) {
     auto g = gate.middleRows(r.begin(), r.size()).array();
     g = g / (1.0f + (-g).exp()) * up.middleRows(r.begin(), r.size()).array();
   });
   if (observer) observer->on_linear_input(layer_index, LinearInput::down_in, gate, shape);
-  linear_forward(gate, layer.down_proj, proj);
+  linear_forward(gate, layer.linear(Linear::down_proj), proj);
   hidden += proj;
 }
 
@@ -286,8 +282,7 @@ void run_decoder(const LlamaModel& model, Matrix& hidden, BatchShape shape, Forw
     throw Error(fmt::format("sequence length {} exceeds max_position_embeddings {}", shape.seq_len,
                             c.max_position_embeddings));
   const RopeTable rope(c.head_dim, c.rope_theta, shape.seq_len);
-  for (int i = 0; i < c.num_layers; ++i)
-    decoder_layer_forward(c, model.layers[i], rope, shape, hidden, i, observer);
+  for (int i = 0; i < c.num_layers; ++i) decoder_layer_forward(c, model.layer_view(i), rope, shape, hidden, i, observer);
 }
 
 void check_tokens(std::span<const int> tokens, BatchShape shape) {
@@ -298,10 +293,36 @@ void check_tokens(std::span<const int> tokens, BatchShape shape) {
 
 }  // namespace
 
+void decoder_forward_layer_major(const LlamaModel& model, std::vector<Matrix>& hidden, std::span<const BatchShape> shapes,
+                                 ForwardObserver* observer, const std::function<void(int)>& between_layers) {
+  const auto& c = model.config;
+  if (hidden.size() != shapes.size()) throw std::logic_error("decoder_forward_layer_major: hidden/shapes mismatch");
+  if (hidden.empty()) return;
+  // One table per distinct length, as run_decoder and the calibration pipeline make them.
+  std::map<int, RopeTable> ropes;
+  for (const auto& s : shapes)
+    if (!ropes.count(s.seq_len)) ropes.emplace(s.seq_len, RopeTable(c.head_dim, c.rope_theta, s.seq_len));
+  for (int l = 0; l < c.num_layers; ++l) {
+    if (between_layers) between_layers(l);
+    const LayerView layer = model.layer_view(l);
+    // Batches in order when an observer accumulates (its sums must see them as forward_logits
+    // would batch after batch); in parallel otherwise (each batch's arithmetic is unchanged).
+    if (observer != nullptr) {
+      for (std::size_t b = 0; b < hidden.size(); ++b)
+        decoder_layer_forward(c, layer, ropes.at(shapes[b].seq_len), shapes[b], hidden[b], l, observer);
+    } else {
+      tbb::parallel_for(std::size_t{0}, hidden.size(), [&](std::size_t b) {
+        decoder_layer_forward(c, layer, ropes.at(shapes[b].seq_len), shapes[b], hidden[b], l, nullptr);
+      });
+    }
+  }
+}
+
 Matrix output_logits(const LlamaModel& model, const Matrix& hidden) {
   Matrix normed, logits;
   rms_norm(hidden, model.final_norm, static_cast<float>(model.config.rms_norm_eps), normed);
-  linear_forward(normed, model.output_head(), logits);
+  const F32Tensor head = model.head_view();
+  linear_forward(normed, head.matrix(), logits);
   return logits;
 }
 
@@ -317,9 +338,15 @@ std::vector<double> sequence_nll(const LlamaModel& model, std::span<const int> t
   check_tokens(tokens, shape);
   Matrix hidden = embed_tokens(model, tokens);
   run_decoder(model, hidden, shape, nullptr);
+  const F32Tensor head = model.head_view();
+  return sequence_nll_from_hidden(model, head.matrix(), hidden, tokens, shape);
+}
+
+std::vector<double> sequence_nll_from_hidden(const LlamaModel& model, const Eigen::Ref<const Matrix>& head,
+                                             const Matrix& hidden, std::span<const int> tokens, BatchShape shape) {
+  check_tokens(tokens, shape);
   Matrix normed;
   rms_norm(hidden, model.final_norm, static_cast<float>(model.config.rms_norm_eps), normed);
-  const Matrix& head = model.output_head();
 
   // Logits are made one sequence at a time, so memory is seq_len x vocab at most.
   std::vector<double> nll(shape.batch, 0.0);

@@ -1,6 +1,5 @@
 #include "ptqlab/perplexity.hpp"
 
-#include <atomic>
 #include <chrono>
 #include <cmath>
 #include <optional>
@@ -22,6 +21,12 @@ std::vector<int> perplexity_stream(const Tokenizer& tokenizer, const std::string
   stream.push_back(bos_id);
   stream.insert(stream.end(), ids.begin(), ids.end());
   return stream;
+}
+
+long long batches_per_group(const LlamaConfig& config, long long rows, std::size_t budget) {
+  if (budget == 0) budget = std::size_t{1} << 30;
+  const double per_batch = static_cast<double>(rows) * config.hidden_size * sizeof(float);
+  return std::max(1LL, static_cast<long long>(static_cast<double>(budget) / per_batch));
 }
 
 PerplexityResult evaluate_perplexity(const LlamaModel& model, std::span<const int> stream,
@@ -52,20 +57,36 @@ PerplexityResult evaluate_perplexity(const LlamaModel& model, std::span<const in
   const auto start = std::chrono::steady_clock::now();
   // Batches are fixed by (windows, per_call) alone, so the result does not depend on threads.
   // After SIGTERM the remaining batches are skipped and Stopped is thrown (docs/slurm.md).
-  std::atomic<bool> skipped{false};
-  tbb::parallel_for(0LL, calls, [&](long long call) {
-    if (stop_requested()) {
-      skipped = true;
-      return;
+  // Batches go through the decoder in groups, layer by layer (each layer widened once per group);
+  // each batch's arithmetic is that of sequence_nll, so the NLLs do not depend on the grouping.
+  const long long group = batches_per_group(model.config, static_cast<long long>(per_call) * seq_len,
+                                            options.activation_budget);
+  for (long long g0 = 0; g0 < calls; g0 += group) {
+    const long long g1 = std::min(calls, g0 + group);
+    std::vector<Matrix> hidden(static_cast<std::size_t>(g1 - g0));
+    std::vector<BatchShape> shapes(hidden.size());
+    auto tokens_of = [&](long long call) {
+      const long long first = call * per_call;
+      const int n = static_cast<int>(std::min<long long>(per_call, windows - first));
+      return std::pair{stream.subspan(static_cast<std::size_t>(first) * seq_len, static_cast<std::size_t>(n) * seq_len),
+                       BatchShape{n, seq_len}};
+    };
+    throw_if_stop_requested();
+    for (long long call = g0; call < g1; ++call) {
+      const auto [tokens, shape] = tokens_of(call);
+      hidden[static_cast<std::size_t>(call - g0)] = embed_tokens(model, tokens);
+      shapes[static_cast<std::size_t>(call - g0)] = shape;
     }
-    const long long first = call * per_call;
-    const int n = static_cast<int>(std::min<long long>(per_call, windows - first));
-    const auto tokens = stream.subspan(static_cast<std::size_t>(first) * seq_len, static_cast<std::size_t>(n) * seq_len);
-    const auto nll = sequence_nll(model, tokens, BatchShape{n, seq_len});
-    for (int i = 0; i < n; ++i) result.window_nll[first + i] = nll[i];
-    if (progress) progress->advance(n);
-  });
-  if (skipped) throw Stopped();
+    decoder_forward_layer_major(model, hidden, shapes, nullptr, [](int) { throw_if_stop_requested(); });
+    const F32Tensor head = model.head_view();
+    tbb::parallel_for(g0, g1, [&](long long call) {
+      const auto [tokens, shape] = tokens_of(call);
+      const auto nll = sequence_nll_from_hidden(model, head.matrix(), hidden[static_cast<std::size_t>(call - g0)],
+                                                tokens, shape);
+      for (int i = 0; i < shape.batch; ++i) result.window_nll[call * per_call + i] = nll[i];
+    });
+    if (progress) progress->advance(std::min<long long>(windows, g1 * per_call) - g0 * per_call);
+  }
   result.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   if (progress) progress->finish();
 

@@ -22,6 +22,7 @@
 #include "ptqlab/calibration.hpp"
 #include "ptqlab/error.hpp"
 #include "ptqlab/forward.hpp"
+#include "ptqlab/memory_model.hpp"
 #include "ptqlab/perplexity.hpp"
 #include "ptqlab/plugin.hpp"
 #include "ptqlab/progress.hpp"
@@ -211,11 +212,102 @@ std::string quantize_key(const ArmSpec& arm, std::size_t step, const std::string
   return sha256_hex(material);
 }
 
+DType layer_store_dtype(const std::string& store) {
+  if (store == "f32") return DType::F32;
+  if (store == "f16") return DType::F16;
+  if (store == "bf16") return DType::BF16;
+  throw Error(fmt::format("--layer-store: unknown store '{}' (memory, f32, f16, bf16)", store));
+}
+
+std::filesystem::path layer_store_dir(const std::filesystem::path& out, const std::string& arm) {
+  return out / ("." + arm + ".layers");
+}
+
+// The memory model of one arm (docs/architecture.md, "Memory model"): its peak is what it keeps
+// (quantized layers) plus the larger of its quantization stage and its evaluation.
+MemoryEstimate::Arm arm_memory(const ArmSpec& arm, const ArmComponents& comp, const LlamaModel& model,
+                               const Experiment& exp, int nsamples, int calib_len, const RunOptions& options,
+                               const std::map<std::filesystem::path, std::vector<int>>& streams) {
+  const auto& c = model.config;
+  const double f = sizeof(float), d = sizeof(double);
+  const double layer = static_cast<double>(model.layer_f32_bytes());
+  MemoryEstimate::Arm a;
+  a.name = arm.name;
+  const bool resident = !comp.preprocessors.empty();
+  const double whole = layer * c.num_layers + static_cast<double>(model.head_f32_bytes()) *
+                                                  (c.tie_word_embeddings ? 1 : 2);
+  if (resident) a.items.push_back({"whole model in f32 (preprocessing)", whole});
+  const double kept = options.layer_store == "memory" && !resident ? layer * c.num_layers : 0.0;
+  if (kept > 0) a.items.push_back({"quantized layers kept in f32", kept});
+
+  // Quantization stage.
+  const bool fp_stream = comp.quantizer && comp.quantizer->granularity() == Quantizer::Granularity::decoder_layer &&
+                         comp.quantizer->needs_fp_stream();
+  const double stream = static_cast<double>(nsamples) * calib_len * c.hidden_size * f;
+  const double widths[4] = {static_cast<double>(c.hidden_size), static_cast<double>(c.q_dim()),
+                            static_cast<double>(c.hidden_size), static_cast<double>(c.intermediate_size)};
+  double hess = 0, widest = 0;
+  for (double w : widths) {
+    hess += w * w * d;
+    widest = std::max(widest, w);
+  }
+  hess += widest * widest * f;  // the float XᵀX of one batch
+  const bool factors = comp.quantizer && comp.quantizer->needs_hessian();
+  const double rows = std::min<double>(nsamples, std::max(1, 4096 / std::max(1, calib_len))) * calib_len;
+  const double layer_tmp =
+      rows * f * (3.0 * c.hidden_size + 2.0 * c.q_dim() + 2.0 * c.kv_dim() + 2.0 * c.intermediate_size);
+  std::vector<MemoryItem> quant = {{"layer being quantized (copy + original, f32)", 2 * layer},
+                                   {fp_stream ? "calibration streams (quantized + FP)" : "calibration stream",
+                                    stream * (fp_stream ? 2 : 1)},
+                                   {"Hessians (4 inputs, f64)", hess},
+                                   {"quantizer factors (f64)", factors ? 2 * widest * widest * d : 0.0},
+                                   {"calibration layer temporaries", layer_tmp}};
+  // Evaluation stage: the largest dataset.
+  std::vector<MemoryItem> eval;
+  double eval_bytes = 0;
+  for (const auto& e : exp.evaluators) {
+    int seq_len = c.max_position_embeddings;
+    long long max_windows = 0;
+    auto int_param = [&](const char* name) -> long long {
+      if (!e.evaluator.params.values().count(name)) return 0;
+      try {
+        return e.evaluator.params.get_int(name);
+      } catch (const std::exception&) {
+        return 0;
+      }
+    };
+    if (int_param("seq_len") > 0) seq_len = static_cast<int>(int_param("seq_len"));
+    max_windows = int_param("max_windows");
+    for (const auto& ds : e.datasets) {
+      const auto it = streams.find(ds.file);
+      if (it == streams.end() || seq_len < 2) continue;
+      long long windows = static_cast<long long>(it->second.size()) / seq_len;
+      if (max_windows > 0) windows = std::min(windows, max_windows);
+      if (windows == 0) continue;
+      // The arm's layers are resident or spilled (f32 spill: in place); the base's are stored.
+      auto items = eval_memory(model, windows, seq_len, 0, 0);
+      if (options.layer_store == "memory" || options.layer_store == "f32") items[0].bytes = 0;
+      double sum = 0;
+      for (const auto& i : items) sum += i.bytes;
+      if (sum > eval_bytes) {
+        eval_bytes = sum;
+        eval = items;
+      }
+    }
+  }
+  double quant_bytes = 0;
+  for (const auto& i : quant) quant_bytes += i.bytes;
+  const auto& stage = quant_bytes >= eval_bytes ? quant : eval;
+  a.items.insert(a.items.end(), stage.begin(), stage.end());
+  return a;
+}
+
 }  // namespace
 
 RunReport run_experiment(const Experiment& exp, const PluginRegistry& registry, const RunOptions& options) {
   const auto run_start = Clock::now();
   if (options.jobs < 1) throw Error(fmt::format("--jobs must be at least 1, got {}", options.jobs));
+  if (options.layer_store != "memory") (void)layer_store_dtype(options.layer_store);
 
   // 1. Which arms, and which of them are already done.
   std::vector<const ArmSpec*> selected;
@@ -298,7 +390,8 @@ RunReport run_experiment(const Experiment& exp, const PluginRegistry& registry, 
   const ArtifactCache cache = options.cache_dir.empty() ? ArtifactCache() : ArtifactCache(options.cache_dir);
   SharedArtifacts shared;
   monitor.stage("shared", "loading model");
-  shared.model = load_model(exp.model_dir);
+  // The checkpoint stays mapped: layers are widened one at a time while computed (model.hpp).
+  shared.model = open_model(exp.model_dir);
   const auto tokenizer_path = exp.model_dir / "tokenizer.model";
   const int calib_len = exp.calibration.seq_len > 0 ? exp.calibration.seq_len : shared.model.config.max_position_embeddings;
   shared.tokenizer = std::make_unique<Tokenizer>(tokenizer_path);
@@ -329,6 +422,37 @@ RunReport run_experiment(const Experiment& exp, const PluginRegistry& registry, 
     }
     for (std::size_t i = 0; i < texts.size(); ++i)
       if (!store_keys[i].empty()) cache.store_tokens(store_keys[i], shared.streams.at(texts[i]));
+  }
+  {
+    // The memory model, before any model compute.
+    MemoryEstimate estimate;
+    estimate.jobs = std::min<int>(options.jobs, static_cast<int>(todo.size()));
+    std::size_t tokens = 0;
+    for (const auto& [file, stream] : shared.streams) tokens += stream.size();
+    estimate.shared.push_back({"token streams", static_cast<double>(tokens) * sizeof(int)});
+    estimate.shared.push_back({"model held in memory", static_cast<double>(shared.model.resident_bytes())});
+    if (need_stats) {
+      const auto& c = shared.model.config;
+      estimate.shared.push_back(
+          {"FP input statistics", 2.0 * c.num_layers * (3.0 * c.hidden_size + c.intermediate_size) * sizeof(float)});
+      estimate.shared.push_back({"FP statistics pass stream", static_cast<double>(exp.calibration.nsamples) * calib_len *
+                                                               c.hidden_size * sizeof(float)});
+    }
+    for (std::size_t i = 0; i < todo.size(); ++i)
+      estimate.arms.push_back(arm_memory(*todo[i], components[i], shared.model, exp, exp.calibration.nsamples, calib_len,
+                                         options, shared.streams));
+    const double limit = options.memory_limit > 0 ? options.memory_limit : available_memory_bytes();
+    if (options.print_memory) {
+      monitor.step("memory", estimate.describe());
+      monitor.step("memory", fmt::format("available: {}{}", format_bytes(limit),
+                                         options.memory_limit > 0 ? " (--memory-limit)" : ""));
+    }
+    if (limit > 0 && estimate.total_bytes() > limit)
+      throw Error(fmt::format(
+          "{}: predicted peak memory {} exceeds the {} available{}; lower --jobs (now {}) or calibration.nsamples (now "
+          "{}), keep quantized layers on disk (--layer-store f16), or set --memory-limit",
+          exp.file.string(), format_bytes(estimate.total_bytes()), format_bytes(limit),
+          options.memory_limit > 0 ? " (--memory-limit)" : "", options.jobs, exp.calibration.nsamples));
   }
   if (need_stats) {
     const auto t0 = Clock::now();
@@ -458,7 +582,10 @@ RunReport run_experiment(const Experiment& exp, const PluginRegistry& registry, 
     ArmLog log(exp.log_tensors, r);
     try {
       if (!component_errors[i].empty()) throw Error(component_errors[i]);
-      LlamaModel model = shared.model;  // each arm quantizes its own copy
+      // Each arm's model shares the mapped base and owns only the layers it quantizes.
+      LlamaModel model = shared.model;
+      // Preprocessors change the whole model (restorative LoRA trains every layer): resident float32.
+      if (!comp.preprocessors.empty()) model.make_resident();
       const ModelInputStats* stats = &shared.input_stats;
       ModelInputStats preprocessed_stats;
       // An allocated arm solves its table first; the plan gives every linear its candidate.
@@ -481,8 +608,18 @@ RunReport run_experiment(const Experiment& exp, const PluginRegistry& registry, 
                                            static_cast<double>(rec.solver_bits) / static_cast<double>(rec.weights),
                                            rec.solver_loss, rec.status, rec.solve_seconds));
       }
-      auto quantize = [&](LlamaModel& m, TensorLog* tensor_log) {
+      // The final quantization may spill the arm's layers to its own files (--layer-store).
+      const auto spill_dir = layer_store_dir(options.out_dir, arm.name);
+      auto quantize = [&](LlamaModel& m, TensorLog* tensor_log, bool final_stage = false) {
         LayerwiseOptions lo;
+        if (final_stage && options.layer_store != "memory" && comp.preprocessors.empty()) {
+          const DType dtype = layer_store_dtype(options.layer_store);
+          std::filesystem::create_directories(spill_dir);
+          lo.keep_layer = [&spill_dir, dtype](LlamaModel& mm, int l, DecoderLayer layer) {
+            mm.set_stored_layer(l, write_layer_file(spill_dir / fmt::format("layer-{:05d}.safetensors", l), mm.config,
+                                                    l, layer, dtype));
+          };
+        }
         lo.quantizer = comp.quantizer.get();
         lo.mask = comp.mask.get();
         if (allocation) lo.plan = allocation->plan;
@@ -559,7 +696,7 @@ RunReport run_experiment(const Experiment& exp, const PluginRegistry& registry, 
       // The FP quality of the preprocessed model itself (PTQ1.61 Table 9), before stage 2.
       if (!comp.preprocessors.empty()) evaluate(model, "preprocessed:");
       const auto tq = Clock::now();
-      r.linears = quantize(model, &log);
+      r.linears = quantize(model, &log, true);
       for (const auto& l : r.linears) r.total_bits += l.bits;
       if (allocation) {  // the ledger confirms the budget (never exceeded)
         confirm_allocation_budget(*arm.allocation, r.linears, allocation->record);
@@ -578,6 +715,8 @@ RunReport run_experiment(const Experiment& exp, const PluginRegistry& registry, 
       r.seconds = seconds_since(t0);
       monitor.step(arm.name, fmt::format("STOPPED (SIGTERM) during {}: no result written", doing));
       monitor.stage_done(arm.name);
+      std::error_code ec;
+      std::filesystem::remove_all(layer_store_dir(options.out_dir, arm.name), ec);
       return;
     } catch (const std::exception& e) {
       // The arm failed (bad numerics, a plugin's error): record it; the other arms go on.
@@ -590,6 +729,11 @@ RunReport run_experiment(const Experiment& exp, const PluginRegistry& registry, 
     r.seconds = seconds_since(t0);
     r.provenance.end_time = utc_now();
     stage("writing results");
+    // The spilled layers are not needed once the arm is evaluated (the mappings close with `model`).
+    {
+      std::error_code ec;
+      std::filesystem::remove_all(layer_store_dir(options.out_dir, arm.name), ec);
+    }
     try {
       writer.submit(out.file, r).get();
       if (out.status == ArmOutcome::Status::completed)

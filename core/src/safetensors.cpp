@@ -226,6 +226,89 @@ std::span<const std::byte> SafetensorsFile::raw(const TensorInfo& info) const {
 
 std::vector<float> SafetensorsFile::to_f32(const TensorInfo& info) const { return tensor_to_f32(raw(info), info, path()); }
 
+void widen_to_f32(const std::byte* src, DType dtype, std::size_t n, float* out) {
+  switch (dtype) {
+    case DType::F32:
+      std::memcpy(out, src, n * 4);  // memcpy: the data need not be 4-byte aligned
+      return;
+    case DType::F16:
+    case DType::BF16: {
+      const bool bf16 = dtype == DType::BF16;
+      for (std::size_t i = 0; i < n; ++i) {
+        std::uint16_t h;
+        std::memcpy(&h, src + 2 * i, 2);
+        out[i] = bf16 ? bf16_to_f32(h) : f16_to_f32(h);
+      }
+      return;
+    }
+  }
+}
+
+void check_finite(std::span<const std::byte> raw, const TensorInfo& info, const std::filesystem::path& source) {
+  const std::size_t n = static_cast<std::size_t>(info.numel());
+  // A value is NaN/Inf exactly when its exponent bits are all ones: test the bits, no conversion.
+  auto bad = [&](std::size_t i) {
+    switch (info.dtype) {
+      case DType::F32: {
+        std::uint32_t u;
+        std::memcpy(&u, raw.data() + 4 * i, 4);
+        return (u & 0x7f800000u) == 0x7f800000u;
+      }
+      case DType::F16: {
+        std::uint16_t h;
+        std::memcpy(&h, raw.data() + 2 * i, 2);
+        return (h & 0x7c00u) == 0x7c00u;
+      }
+      case DType::BF16: {
+        std::uint16_t h;
+        std::memcpy(&h, raw.data() + 2 * i, 2);
+        return (h & 0x7f80u) == 0x7f80u;
+      }
+    }
+    return false;
+  };
+  for (std::size_t i = 0; i < n; ++i) {
+    if (bad(i)) {
+      float v;
+      widen_to_f32(raw.data() + i * dtype_size(info.dtype), info.dtype, 1, &v);
+      fail(source, fmt::format("tensor '{}': non-finite value {} at flat index {}", info.name, v, i));
+    }
+  }
+}
+
+std::uint16_t f32_to_bf16(float value) {
+  std::uint32_t u;
+  std::memcpy(&u, &value, sizeof u);
+  if ((u & 0x7f800000u) == 0x7f800000u && (u & 0x7fffffu) != 0) return static_cast<std::uint16_t>((u >> 16) | 0x40u);
+  const std::uint32_t rounding = 0x7fffu + ((u >> 16) & 1u);  // ties to even
+  return static_cast<std::uint16_t>((u + rounding) >> 16);
+}
+
+std::uint16_t f32_to_f16(float value) {
+  std::uint32_t u;
+  std::memcpy(&u, &value, sizeof u);
+  const std::uint16_t sign = static_cast<std::uint16_t>((u >> 16) & 0x8000u);
+  const std::uint32_t abs = u & 0x7fffffffu;
+  if (abs >= 0x7f800000u) return static_cast<std::uint16_t>(sign | 0x7c00u | (abs > 0x7f800000u ? 0x200u : 0u));
+  if (abs >= 0x477ff000u) return static_cast<std::uint16_t>(sign | 0x7c00u);  // rounds past 65504: Inf
+  if (abs < 0x38800000u) {  // below the smallest normal F16 (2^-14): subnormal or zero
+    if (abs < 0x33000000u) return sign;  // below half the smallest subnormal (2^-25), ties included
+    const std::uint32_t exp = abs >> 23;
+    const std::uint32_t mant = (abs & 0x7fffffu) | 0x800000u;
+    const std::uint32_t shift = 126 - exp;  // value / 2^-24 = mant * 2^(exp - 126)
+    const std::uint32_t half = 1u << (shift - 1);
+    std::uint32_t q = mant >> shift;
+    const std::uint32_t rest = mant & ((1u << shift) - 1);
+    if (rest > half || (rest == half && (q & 1u))) ++q;
+    return static_cast<std::uint16_t>(sign | q);
+  }
+  // Normal: rebias the exponent, round the mantissa to 10 bits (ties to even); a carry into the
+  // exponent is the correct result.
+  const std::uint32_t rebased = abs - (112u << 23);
+  const std::uint32_t rounding = 0xfffu + ((rebased >> 13) & 1u);
+  return static_cast<std::uint16_t>(sign | ((rebased + rounding) >> 13));
+}
+
 std::vector<float> tensor_to_f32(std::span<const std::byte> src, const TensorInfo& info,
                                  const std::filesystem::path& source) {
   const std::size_t n = static_cast<std::size_t>(info.numel());
@@ -289,15 +372,9 @@ Checkpoint::Checkpoint(const std::filesystem::path& dir) {
 
   for (const auto& p : shard_paths) {
     if (!std::filesystem::exists(p)) fail(p, "shard named in model.safetensors.index.json does not exist");
-    files_.push_back(std::make_unique<SafetensorsFile>(p));
+    files_.push_back(std::make_shared<SafetensorsFile>(p));
   }
-  for (const auto& f : files_) {
-    for (const auto& t : f->tensors()) {
-      auto [it, inserted] = entries_.emplace(t.name, Entry{f.get(), &t});
-      if (!inserted)
-        fail(f->path(), fmt::format("tensor '{}' also appears in {}", t.name, it->second.file->path().string()));
-    }
-  }
+  index_tensors();
   if (!weight_map.is_null()) {
     for (auto it = weight_map.begin(); it != weight_map.end(); ++it) {
       auto e = entries_.find(it.key());
@@ -305,6 +382,125 @@ Checkpoint::Checkpoint(const std::filesystem::path& dir) {
       if (e == entries_.end() || e->second.file->path() != shard)
         fail(shard, fmt::format("tensor '{}' listed in model.safetensors.index.json is not in this shard", it.key()));
     }
+  }
+}
+
+void Checkpoint::index_tensors() {
+  for (const auto& f : files_) {
+    for (const auto& t : f->tensors()) {
+      auto [it, inserted] = entries_.emplace(t.name, Entry{f, &t});
+      if (!inserted)
+        fail(f->path(), fmt::format("tensor '{}' also appears in {}", t.name, it->second.file->path().string()));
+    }
+  }
+}
+
+Checkpoint Checkpoint::single_file(const std::filesystem::path& file) {
+  Checkpoint c;
+  c.files_.push_back(std::make_shared<SafetensorsFile>(file));
+  c.index_tensors();
+  return c;
+}
+
+// ----------------------------------------------------------------------------------------------
+// Writer
+
+SafetensorsWriter::SafetensorsWriter(const std::filesystem::path& path, std::vector<TensorSpec> tensors,
+                                     const std::map<std::string, std::string>& metadata)
+    : path_(path), tensors_(std::move(tensors)) {
+  json header = json::object();
+  if (!metadata.empty()) header["__metadata__"] = metadata;
+  std::size_t offset = 0;
+  for (const auto& t : tensors_) {
+    std::int64_t numel = 1;
+    for (auto d : t.shape) numel *= d;
+    const std::size_t bytes = static_cast<std::size_t>(numel) * dtype_size(t.dtype);
+    header[t.name] = {{"dtype", dtype_name(t.dtype)}, {"shape", t.shape}, {"data_offsets", {offset, offset + bytes}}};
+    offset += bytes;
+  }
+  data_bytes_ = offset;
+  std::string text = header.dump();
+  while ((8 + text.size()) % 8 != 0) text.push_back(' ');
+  tmp_ = path_;
+  tmp_ += fmt::format(".tmp-{}", ::getpid());
+  fd_ = ::open(tmp_.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  if (fd_ < 0) fail(tmp_, fmt::format("cannot create: {}", std::strerror(errno)));
+  const std::uint64_t n = text.size();
+  for (int i = 0; i < 8; ++i) buffer_.push_back(static_cast<std::byte>((n >> (8 * i)) & 0xff));
+  for (char ch : text) buffer_.push_back(static_cast<std::byte>(ch));
+  flush();
+}
+
+SafetensorsWriter::~SafetensorsWriter() {
+  if (fd_ >= 0) {
+    ::close(fd_);
+    std::error_code ec;
+    std::filesystem::remove(tmp_, ec);
+  }
+}
+
+void SafetensorsWriter::flush() {
+  std::size_t done = 0;
+  while (done < buffer_.size()) {
+    const ssize_t w = ::write(fd_, buffer_.data() + done, buffer_.size() - done);
+    if (w < 0) {
+      if (errno == EINTR) continue;
+      fail(tmp_, fmt::format("write failed: {}", std::strerror(errno)));
+    }
+    done += static_cast<std::size_t>(w);
+  }
+  buffer_.clear();
+}
+
+void SafetensorsWriter::append(std::span<const float> values) {
+  std::size_t pos = 0;
+  while (pos < values.size()) {
+    if (current_ >= tensors_.size()) fail(path_, "more values appended than the declared tensors hold");
+    const auto& t = tensors_[current_];
+    std::int64_t numel = 1;
+    for (auto d : t.shape) numel *= d;
+    const std::size_t take = std::min<std::size_t>(values.size() - pos, static_cast<std::size_t>(numel - written_));
+    const std::size_t old = buffer_.size();
+    buffer_.resize(old + take * dtype_size(t.dtype));
+    std::byte* out = buffer_.data() + old;
+    for (std::size_t i = 0; i < take; ++i) {
+      const float v = values[pos + i];
+      if (t.dtype == DType::F32) {
+        std::memcpy(out + 4 * i, &v, 4);
+      } else {
+        const std::uint16_t h = t.dtype == DType::F16 ? f32_to_f16(v) : f32_to_bf16(v);
+        std::memcpy(out + 2 * i, &h, 2);
+      }
+    }
+    pos += take;
+    written_ += static_cast<std::int64_t>(take);
+    if (written_ == numel) {
+      ++current_;
+      written_ = 0;
+    }
+    if (buffer_.size() >= (8u << 20)) flush();
+  }
+}
+
+void SafetensorsWriter::finish() {
+  // Skip trailing empty tensors.
+  while (current_ < tensors_.size() && written_ == 0) {
+    std::int64_t numel = 1;
+    for (auto d : tensors_[current_].shape) numel *= d;
+    if (numel != 0) break;
+    ++current_;
+  }
+  if (current_ != tensors_.size())
+    fail(path_, fmt::format("tensor '{}' was not written completely", tensors_[current_].name));
+  flush();
+  if (::fsync(fd_) != 0) fail(tmp_, fmt::format("fsync failed: {}", std::strerror(errno)));
+  ::close(fd_);
+  fd_ = -1;
+  std::error_code ec;
+  std::filesystem::rename(tmp_, path_, ec);
+  if (ec) {
+    std::filesystem::remove(tmp_, ec);
+    fail(path_, "cannot rename the finished file into place");
   }
 }
 

@@ -52,9 +52,16 @@ struct LayerwiseOptions {
   std::uint64_t seed = 0;
   // Called before each layer (layer index, number of layers): progress display.
   std::function<void(int, int)> on_layer;
+  // Where the quantized layer l goes (default: LlamaModel::set_layer, resident float32). An arm
+  // of a large model spills it to its own file instead (runner, --layer-store).
+  std::function<void(LlamaModel&, int, DecoderLayer)> keep_layer;
+  // Called after layer l is kept, with the records so far.
+  std::function<void(int, const std::vector<LinearRecord>&)> after_layer;
 };
 
-// Quantizes every linear of every decoder layer of `model` in place, sequentially. Throws
+// Quantizes every linear of every decoder layer of `model` in place, sequentially. Only the layer
+// being quantized is in float32 (twice: the copy the quantizer changes and the original); stored
+// layers of an opened checkpoint are widened one at a time. Throws
 // ptqlab::Error when activations become non-finite. Returns one record per linear, in order.
 std::vector<LinearRecord> quantize_layerwise(LlamaModel& model, const std::vector<std::vector<int>>& windows,
                                              const LayerwiseOptions& options);

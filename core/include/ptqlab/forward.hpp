@@ -9,6 +9,7 @@
 //
 // Rows are tokens: row b*seq_len + t holds sequence b at position t; every sequence starts at
 // position 0.
+#include <functional>
 #include <span>
 #include <vector>
 
@@ -54,8 +55,9 @@ class RopeTable {
 // y = x Wᵀ for W in nn.Linear layout [out, in]. Large products are split into fixed tiles run in
 // parallel; the tiling does not depend on the thread count, so results are bit-identical for any
 // number of threads.
-void linear_forward(const Eigen::Ref<const Matrix>& x, const Matrix& w, Matrix& y);
-void rms_norm(const Matrix& x, const Vector& weight, float eps, Matrix& out);
+// `w` may be a resident matrix or a map of mapped/widened weights (LayerView): no copy either way.
+void linear_forward(const Eigen::Ref<const Matrix>& x, const Eigen::Ref<const Matrix>& w, Matrix& y);
+void rms_norm(const Matrix& x, const Eigen::Ref<const Vector>& weight, float eps, Matrix& out);
 // Rotates each head of x ([rows, n_heads*head_dim]) in place.
 void apply_rope(Matrix& x, int n_heads, int head_dim, const RopeTable& rope, BatchShape shape);
 // Causal scaled-dot-product attention with grouped-query heads: query head h reads kv head
@@ -67,8 +69,24 @@ Matrix embed_tokens(const LlamaModel& model, std::span<const int> tokens);
 void decoder_layer_forward(const LlamaConfig& config, const DecoderLayer& layer, const RopeTable& rope,
                            BatchShape shape, Matrix& hidden, int layer_index = -1,
                            ForwardObserver* observer = nullptr);
+// The same arithmetic on a layer however it is stored (LlamaModel::layer_view).
+void decoder_layer_forward(const LlamaConfig& config, const LayerView& layer, const RopeTable& rope,
+                           BatchShape shape, Matrix& hidden, int layer_index = -1,
+                           ForwardObserver* observer = nullptr);
+// Every decoder layer on several batches, layer by layer: layer l's float32 weights are made once
+// (widened when stored as F16/BF16) and every batch goes through them before layer l+1, so one
+// layer's float32 weights are in memory at a time. Each batch's arithmetic is exactly that of
+// forward_logits (same operations in the same order), so results are bit-identical to it.
+// `between_layers` (optional) is called before each layer (progress, stop requests).
+void decoder_forward_layer_major(const LlamaModel& model, std::vector<Matrix>& hidden,
+                                 std::span<const BatchShape> shapes, ForwardObserver* observer = nullptr,
+                                 const std::function<void(int)>& between_layers = {});
 // Final RMSNorm then lm_head: [rows, vocab].
 Matrix output_logits(const LlamaModel& model, const Matrix& hidden);
+// The summed next-token NLL of each sequence from the hidden states after the last decoder layer
+// (what sequence_nll does after the decoder), with the head already made (LlamaModel::head_view).
+std::vector<double> sequence_nll_from_hidden(const LlamaModel& model, const Eigen::Ref<const Matrix>& head,
+                                             const Matrix& hidden, std::span<const int> tokens, BatchShape shape);
 
 // Whole model: tokens (batch*seq_len ids) -> logits [batch*seq_len, vocab].
 Matrix forward_logits(const LlamaModel& model, std::span<const int> tokens, BatchShape shape,

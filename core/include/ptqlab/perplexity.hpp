@@ -22,6 +22,9 @@ struct PerplexityOptions {
   int seq_len = 0;          // 0: the model's max_position_embeddings
   long long max_windows = 0;  // 0: all windows
   int batch_windows = 0;    // windows per forward call; 0: about 4096 tokens per call
+  // Bytes the hidden states of the batches evaluated together may take (they go through the
+  // decoder layer by layer, docs/architecture.md "Evaluation streams"); 0: 1 GiB.
+  std::size_t activation_budget = 0;
   bool show_progress = true;
   std::string label = "ppl";  // prefix of the progress line
 };
@@ -42,6 +45,10 @@ struct PerplexityResult {
 
 // BOS followed by the tokens of the whole text.
 std::vector<int> perplexity_stream(const Tokenizer& tokenizer, const std::string& text, int bos_id);
+
+// How many batches of `rows` tokens go through the layers together within `budget` bytes of
+// hidden states (at least 1).
+long long batches_per_group(const LlamaConfig& config, long long rows, std::size_t budget);
 
 PerplexityResult evaluate_perplexity(const LlamaModel& model, std::span<const int> stream,
                                      const PerplexityOptions& options);

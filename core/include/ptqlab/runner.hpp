@@ -6,6 +6,8 @@
 //   3. run the arms in parallel in a TBB task_arena of --jobs threads (parallelism inside an arm
 //      uses the same arena, so there is no oversubscription);
 //   4. each arm writes DIR/<arm>.h5 through the process's single HDF5 writer thread.
+// Before the arms start, the memory model predicts the peak (memory_model.hpp); a run predicted to
+// exceed the available memory (or --memory-limit) is refused with an Error naming what to change.
 // After SIGTERM (ptqlab/stop.hpp) arms stop at the next safe point and write nothing; they come
 // back with status `stopped`, finished arms keep their files.
 #include <filesystem>
@@ -25,6 +27,12 @@ struct RunOptions {
   int jobs = 1;
   bool force = false;                  // recompute arms whose results exist
   std::filesystem::path cache_dir;     // on-disk cache of shared artifacts; empty: none
+  // Where an arm keeps its quantized layers: "memory" (float32, resident) or spilled to its own
+  // safetensors files under <out>/.<arm>.layers/ in "f32" (exact), "f16" or "bf16" (mapped, so
+  // they are file cache, not the process's memory). Removed once the arm's result is written.
+  std::string layer_store = "memory";
+  double memory_limit = 0;  // bytes; 0: what the machine has available (memory_model.hpp)
+  bool print_memory = true;  // print the predicted peak before the arms start
 };
 
 struct ArmOutcome {

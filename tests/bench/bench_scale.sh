@@ -1,0 +1,106 @@
+#!/usr/bin/env bash
+# Benchmark: real LLaMA-2 sizes on one machine (issue 13, docs/benchmarks.md "Real scale").
+# Writes synthetic checkpoints at LLaMA-2-7B (32 layers, F16, 3 shards, 13.5 GB) and, with
+# BENCH_13B=1, LLaMA-2-13B (40 layers, F16, 26 GB) shapes; runs ptqlab on them while sampling the
+# process's anonymous resident memory (RssAnon, /proc/PID/status) every 0.2 s; prints wall time,
+# peak RssAnon and, where ptqlab predicts one, the predicted peak. Checkpoints are deleted at the end.
+#
+# Usage: tests/bench/bench_scale.sh [WORKDIR]        (default: a fresh directory under /tmp)
+#   BENCH_STEPS="info ppl rtn gptq"   what to run on the 7B checkpoint (default: info ppl rtn)
+#   BENCH_LAYERS=32                   decoder layers of the 7B checkpoint (fewer: a labelled partial run)
+#   BENCH_13B=1                       also the 13B checkpoint (ppl --max-windows 1 and an RTN arm)
+#   BENCH_KEEP=1                      keep the checkpoints
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+ptqlab="${PTQLAB_BUILD_DIR:-$root/build}/bin/ptqlab"
+work="${1:-$(mktemp -d /tmp/ptqlab-bench-scale.XXXXXX)}"
+steps="${BENCH_STEPS:-info ppl rtn}"
+layers="${BENCH_LAYERS:-32}"
+text="$root/../shared/data/tinystories/valid.txt"
+calib="$root/../shared/data/tinystories/calib.txt"
+tokenizer="$root/../shared/models/stories260K/tokenizer.model"
+mkdir -p "$work"
+[ "${BENCH_KEEP:-0}" = 1 ] || trap 'rm -rf "$work"/llama2-*' EXIT
+
+# measure LABEL CMD...: runs CMD, samples RssAnon of its process every 0.2 s, prints one line.
+measure() {
+  local label="$1"; shift
+  local log="$work/$label.log" peak=0 start end rss
+  start=$(date +%s.%N)
+  "$@" >"$log" 2>&1 &
+  local pid=$!
+  while kill -0 "$pid" 2>/dev/null; do
+    rss=$(awk '/^RssAnon:/ {print $2}' "/proc/$pid/status" 2>/dev/null || echo 0)
+    [ -n "$rss" ] && [ "$rss" -gt "$peak" ] && peak=$rss
+    sleep 0.2
+  done
+  local rc=0
+  wait "$pid" || rc=$?
+  end=$(date +%s.%N)
+  local predicted
+  predicted=$(grep -o 'predicted peak memory [0-9.]* [kMG]B' "$log" | head -1 | sed 's/predicted peak memory //' || true)
+  awk -v l="$label" -v p="$peak" -v s="$start" -v e="$end" -v rc="$rc" -v pr="${predicted:--}" \
+    'BEGIN { printf "%-34s rc %d  wall %8.1f s  peak RssAnon %7.3f GB  predicted %s\n", l, rc, e - s, p * 1024 / 1e9, pr }'
+  [ "$rc" = 0 ] || { echo "  (log: $log)"; tail -3 "$log" | sed 's/^/  /'; }
+}
+
+experiment() {  # experiment FILE MODEL ARMS
+  cat >"$1" <<YAML
+name: bench-scale
+model: $2
+seed: 0
+calibration:
+  text: $calib
+  nsamples: 4
+  seq_len: 512
+eval:
+  - evaluator: perplexity
+    params: {seq_len: 512, max_windows: 2}
+    datasets:
+      tinystories: $text
+arms:
+$3
+YAML
+}
+
+echo "ptqlab $("$ptqlab" --version 2>/dev/null || true) on $(nproc) cores, $(awk '/MemTotal/ {printf "%.1f GB", $2*1024/1e9}' /proc/meminfo) RAM"
+m7="$work/llama2-7b"
+if [ ! -f "$m7/config.json" ]; then
+  measure "synth-model 7B ($layers layers)" "$ptqlab" synth-model --like llama-2-7b --layers "$layers" --dtype f16 \
+    --shards 3 --tokenizer "$tokenizer" --out "$m7"
+fi
+echo "7B checkpoint: $(du -sh "$m7" | cut -f1) on disk, $layers layers"
+for step in $steps; do
+  case "$step" in
+    info) measure "info 7B" "$ptqlab" info --model "$m7" ;;
+    ppl) measure "ppl 7B --seq-len 512 --max-windows 2" "$ptqlab" ppl --model "$m7" --text "$text" --seq-len 512 \
+           --max-windows 2 ;;
+    rtn)
+      experiment "$work/rtn7.yaml" "$m7" "  - name: rtn4
+    quantizer: {name: rtn, params: {bits: 4, group_size: 128}}"
+      measure "run 7B rtn4 (layer-store f16)" "$ptqlab" run "$work/rtn7.yaml" --out "$work/rtn7" --no-cache --force \
+        --layer-store f16 ;;
+    gptq)
+      experiment "$work/both7.yaml" "$m7" "  - name: rtn4
+    quantizer: {name: rtn, params: {bits: 4, group_size: 128}}
+  - name: gptq2
+    quantizer: {name: gptq, params: {bits: 2, group_size: 128}}"
+      measure "run 7B rtn4+gptq2 --jobs 2 (f16 store)" "$ptqlab" run "$work/both7.yaml" --out "$work/both7" --no-cache \
+        --force --jobs 2 --layer-store f16 ;;
+  esac
+done
+for f in "$work"/*/rtn4.h5 "$work"/*/gptq2.h5; do [ -f "$f" ] && echo "result $f"; done
+grep -h "ppl\b\|PPL" "$work"/*.log 2>/dev/null | grep -v "^memory" | head -6 || true
+[ "${BENCH_KEEP:-0}" = 1 ] || rm -rf "$m7"
+
+if [ "${BENCH_13B:-0}" = 1 ]; then
+  m13="$work/llama2-13b"
+  measure "synth-model 13B" "$ptqlab" synth-model --like llama-2-13b --dtype f16 --shards 6 --tokenizer "$tokenizer" \
+    --out "$m13"
+  measure "ppl 13B --seq-len 512 --max-windows 1" "$ptqlab" ppl --model "$m13" --text "$text" --seq-len 512 --max-windows 1
+  experiment "$work/rtn13.yaml" "$m13" "  - name: rtn4
+    quantizer: {name: rtn, params: {bits: 4, group_size: 128}}"
+  measure "run 13B rtn4 (layer-store f16)" "$ptqlab" run "$work/rtn13.yaml" --out "$work/rtn13" --no-cache --force \
+    --layer-store f16
+  [ "${BENCH_KEEP:-0}" = 1 ] || rm -rf "$m13"
+fi

@@ -1,0 +1,291 @@
+// Weights stay in the checkpoint (docs/architecture.md, "Model representation"): an opened
+// (memory-mapped) model computes exactly what the same model loaded into float32 computes, one
+// layer widened at a time; synthetic checkpoints at small shapes; F16/BF16 narrowing against a
+// brute-force reference; spilled layer files; the memory model's refusal. Small shapes only: the
+// 7B/13B measurements are tests/bench/bench_scale.sh.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstring>
+#include <fstream>
+#include <random>
+
+#include "ptqlab/calibration.hpp"
+#include "ptqlab/error.hpp"
+#include "ptqlab/experiment.hpp"
+#include "ptqlab/forward.hpp"
+#include "ptqlab/memory_model.hpp"
+#include "ptqlab/model.hpp"
+#include "ptqlab/perplexity.hpp"
+#include "ptqlab/plugin.hpp"
+#include "ptqlab/runner.hpp"
+#include "ptqlab/synth_model.hpp"
+#include "ptqlab/text_file.hpp"
+#include "ptqlab/tokenizer.hpp"
+#include "ptqlab/utf8.hpp"
+#include "test_support.hpp"
+
+namespace ptqlab {
+namespace {
+
+namespace fs = std::filesystem;
+
+fs::path synth(const fs::path& out, DType dtype, int shards, std::uint64_t seed = 7, int layers = 2) {
+  SynthModelOptions o;
+  o.like = "stories260K";
+  o.layers = layers;
+  o.dtype = dtype;
+  o.shards = shards;
+  o.seed = seed;
+  o.tokenizer = test::model_dir("stories260K") / "tokenizer.model";
+  o.out = out;
+  write_synthetic_model(o);
+  return out;
+}
+
+const std::vector<int>& valid_stream() {
+  static const std::vector<int> s = [] {
+    const Tokenizer tok(test::model_dir("stories260K") / "tokenizer.model");
+    return perplexity_stream(tok, read_utf8_text_file(test::data_file("tinystories/valid.txt")), 1);
+  }();
+  return s;
+}
+
+PerplexityOptions quiet(int seq_len, long long windows) {
+  PerplexityOptions o;
+  o.seq_len = seq_len;
+  o.max_windows = windows;
+  o.show_progress = false;
+  return o;
+}
+
+TEST(SynthModel, WritesAShardedCheckpointThatLoads) {
+  test::TempDir tmp;
+  const auto dir = synth(tmp.path() / "m", DType::F16, 3);
+  for (const char* f : {"config.json", "tokenizer.model", "model.safetensors.index.json",
+                        "model-00001-of-00003.safetensors", "model-00003-of-00003.safetensors"})
+    EXPECT_TRUE(fs::exists(dir / f)) << f;
+  const auto m = open_model(dir);
+  EXPECT_EQ(m.source_dtype, "F16");
+  EXPECT_EQ(m.config.num_layers, 2);
+  EXPECT_EQ(m.config.vocab_size, 512);
+  const long long per_layer = 2 * 64 + 64 * 64 + 2 * 32 * 64 + 64 * 64 + 3 * 172 * 64;
+  EXPECT_EQ(m.parameter_count(), 512 * 64 + 64 + 2 * per_layer);
+  // Nothing but the final norm is held in float32.
+  EXPECT_EQ(m.resident_bytes(), 64 * sizeof(float));
+}
+
+TEST(SynthModel, ValuesDependOnSeedNotOnShards) {
+  test::TempDir tmp;
+  const auto one = load_model(synth(tmp.path() / "one", DType::F32, 1));
+  const auto three = load_model(synth(tmp.path() / "three", DType::F32, 3));
+  const auto other = load_model(synth(tmp.path() / "other", DType::F32, 1, 8));
+  EXPECT_EQ(one.embed, three.embed);
+  EXPECT_EQ(one.layers[1].down_proj, three.layers[1].down_proj);
+  EXPECT_NE(one.layers[1].down_proj, other.layers[1].down_proj);
+  // N(0, 0.02²) weights, 1 + N(0, 0.1²) norms.
+  const Matrix& w = one.layers[0].gate_proj;
+  const double mean = w.mean();
+  const double sd = std::sqrt((w.array() - mean).square().mean());
+  EXPECT_NEAR(mean, 0.0, 0.002);
+  EXPECT_NEAR(sd, 0.02, 0.001);
+  EXPECT_NEAR(one.layers[0].input_norm.mean(), 1.0, 0.05);
+}
+
+TEST(SynthModel, RefusesATokenizerLargerThanTheVocabulary) {
+  test::TempDir tmp;
+  SynthModelOptions o;
+  o.vocab = 100;
+  o.tokenizer = test::model_dir("stories260K") / "tokenizer.model";
+  o.out = tmp.path() / "m";
+  try {
+    write_synthetic_model(o);
+    FAIL() << "expected an error";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("512 pieces, more than vocab_size 100"), std::string::npos) << e.what();
+  }
+  EXPECT_THROW(synth_config("llama-3-8b", 0, 0), Error);
+  EXPECT_EQ(synth_config("llama-2-7b", 0, 0).intermediate_size, 11008);
+  EXPECT_EQ(synth_config("llama-2-13b", 0, 0).num_layers, 40);
+}
+
+// Opened (mapped F32 in place, BF16 and sharded F16 widened layer by layer) equals loaded, bit for bit.
+TEST(Streaming, PerplexityEqualsInMemory) {
+  test::TempDir tmp;
+  const auto f16 = synth(tmp.path() / "f16", DType::F16, 3);
+  for (const fs::path dir : {test::model_dir("stories260K"), test::model_dir("stories260K-bf16"), f16}) {
+    const auto opened = open_model(dir);
+    const auto loaded = load_model(dir);
+    const auto a = evaluate_perplexity(opened, valid_stream(), quiet(256, 6));
+    const auto b = evaluate_perplexity(loaded, valid_stream(), quiet(256, 6));
+    EXPECT_EQ(a.window_nll, b.window_nll) << dir;
+    // One batch per group (every layer widened once per batch) changes nothing either.
+    auto small = quiet(256, 6);
+    small.batch_windows = 2;
+    small.activation_budget = 1;
+    auto big = small;
+    big.activation_budget = 0;
+    EXPECT_EQ(evaluate_perplexity(opened, valid_stream(), small).window_nll,
+              evaluate_perplexity(opened, valid_stream(), big).window_nll)
+        << dir;
+    const std::span<const int> window(valid_stream().data(), 64);
+    EXPECT_EQ(forward_logits(opened, window, BatchShape{1, 64}), forward_logits(loaded, window, BatchShape{1, 64}));
+    EXPECT_EQ(sequence_nll(opened, window, BatchShape{1, 64}), sequence_nll(loaded, window, BatchShape{1, 64}));
+  }
+}
+
+TEST(Streaming, MappedF32IsUsedInPlace) {
+  const auto f32 = open_model(test::model_dir("stories260K"));
+  EXPECT_EQ(f32.layer_view(0).owned_bytes(), 0u);
+  EXPECT_FALSE(f32.head_view().owns());
+  const auto bf16 = open_model(test::model_dir("stories260K-bf16"));
+  EXPECT_EQ(bf16.layer_view(0).owned_bytes(), bf16.layer_f32_bytes());
+  EXPECT_TRUE(bf16.head_view().owns());
+}
+
+std::shared_ptr<Quantizer> make_quantizer(const PluginRegistry& registry, const std::string& name,
+                                          const std::map<std::string, ParamValue>& given) {
+  const auto* schema = registry.find(ComponentKind::quantizer, name);
+  if (schema == nullptr) throw std::runtime_error("no quantizer " + name);
+  return registry.make_quantizer(name, Params::resolve(*schema, given));
+}
+
+TEST(Streaming, LayerwiseQuantizationEqualsInMemory) {
+  PluginRegistry registry;
+  registry.add_search_path(PluginRegistry::default_plugin_dir());
+  const auto gptq = make_quantizer(registry, "gptq", {{"bits", std::int64_t{2}}, {"group_size", std::int64_t{32}}});
+  const Tokenizer tok(test::model_dir("stories260K") / "tokenizer.model");
+  const auto calib = perplexity_stream(tok, read_utf8_text_file(test::data_file("tinystories/calib.txt")), 1);
+  const auto windows = draw_calibration_windows(calib, 4, 64, 5);
+  for (const fs::path dir : {test::model_dir("stories260K"), test::model_dir("stories260K-bf16")}) {
+    LlamaModel opened = open_model(dir);
+    LlamaModel loaded = load_model(dir);
+    EXPECT_EQ(collect_input_stats(opened, windows)[3][2].max_abs, collect_input_stats(loaded, windows)[3][2].max_abs);
+    LayerwiseOptions lo;
+    lo.quantizer = gptq.get();
+    const auto ra = quantize_layerwise(opened, windows, lo);
+    const auto rb = quantize_layerwise(loaded, windows, lo);
+    ASSERT_EQ(ra.size(), rb.size());
+    for (std::size_t i = 0; i < ra.size(); ++i) {
+      EXPECT_EQ(ra[i].weight_error, rb[i].weight_error) << i;
+      EXPECT_EQ(ra[i].output_error, rb[i].output_error) << i;
+    }
+    for (int l = 0; l < opened.config.num_layers; ++l) EXPECT_EQ(opened.layers[l].down_proj, loaded.layers[l].down_proj);
+    EXPECT_EQ(evaluate_perplexity(opened, valid_stream(), quiet(256, 3)).window_nll,
+              evaluate_perplexity(loaded, valid_stream(), quiet(256, 3)).window_nll);
+  }
+}
+
+TEST(LayerFile, F32RoundTripIsExactAndF16Rounds) {
+  test::TempDir tmp;
+  const auto model = load_model(test::model_dir("stories260K"));
+  const auto stored = write_layer_file(tmp.path() / "l.safetensors", model.config, 3, model.layers[3], DType::F32);
+  LlamaModel m = model;
+  m.set_stored_layer(3, stored);
+  EXPECT_FALSE(m.layer_resident(3));
+  EXPECT_EQ(m.layer_copy(3).up_proj, model.layers[3].up_proj);
+  const auto half = write_layer_file(tmp.path() / "h.safetensors", model.config, 3, model.layers[3], DType::F16);
+  m.set_stored_layer(3, half);
+  const Matrix back = m.layer_copy(3).up_proj;
+  for (Eigen::Index i = 0; i < back.size(); ++i)
+    ASSERT_EQ(back.data()[i], f16_to_f32(f32_to_f16(model.layers[3].up_proj.data()[i]))) << i;
+  EXPECT_THROW(open_layer_file(tmp.path() / "h.safetensors", model.config, 2), Error);  // names layer 3
+}
+
+// Narrowing against a brute-force reference: the nearest representable value, ties to the even code.
+template <class Widen, class Narrow>
+void check_narrowing(Widen widen, Narrow narrow, std::uint32_t finite_codes_below) {
+  for (std::uint32_t h = 0; h < 0x10000; ++h) {  // every finite code survives widen -> narrow
+    if ((h & 0x7fffu) >= finite_codes_below) continue;
+    ASSERT_EQ(narrow(widen(static_cast<std::uint16_t>(h))), h) << h;
+  }
+  std::mt19937 rng(11);
+  std::uniform_int_distribution<std::uint32_t> code(0, finite_codes_below - 2);
+  std::uniform_real_distribution<double> frac(0.0, 1.0);
+  for (int i = 0; i < 200000; ++i) {
+    const auto lo = static_cast<std::uint16_t>(code(rng));
+    const double a = widen(lo), b = widen(static_cast<std::uint16_t>(lo + 1));
+    const double t = i % 7 == 0 ? 0.5 : frac(rng);  // exact midpoints too
+    const float x = static_cast<float>(a + t * (b - a));
+    const std::uint16_t got = narrow(x);
+    const double da = std::abs(static_cast<double>(x) - a), db = std::abs(static_cast<double>(x) - b);
+    const std::uint16_t want = da < db ? lo : db < da ? static_cast<std::uint16_t>(lo + 1) : (lo % 2 == 0 ? lo : lo + 1);
+    ASSERT_EQ(got, want) << x;
+    ASSERT_EQ(narrow(-x), want | 0x8000u) << x;
+  }
+}
+
+TEST(Conversions, F16AndBf16NarrowingIsNearestEven) {
+  check_narrowing(f16_to_f32, f32_to_f16, 0x7c00u);
+  check_narrowing(bf16_to_f32, f32_to_bf16, 0x7f80u);
+  EXPECT_EQ(f32_to_f16(65520.0f), 0x7c00u);  // rounds past the largest F16: Inf
+  EXPECT_EQ(f32_to_f16(65519.0f), 0x7bffu);
+  EXPECT_EQ(f32_to_f16(1e-9f), 0u);
+}
+
+TEST(MemoryModel, RunOverTheLimitIsRefusedBeforeAnyArm) {
+  test::TempDir dir;
+  test::SmallExperiment e;
+  e.arms = "  - name: rtn\n    quantizer: {name: rtn, params: {bits: 4, group_size: 32}}\n";
+  std::ofstream(dir.path() / "exp.yaml") << e.yaml();
+  PluginRegistry registry;
+  registry.add_search_path(PluginRegistry::default_plugin_dir());
+  RunOptions o;
+  o.out_dir = dir.path() / "out";
+  o.memory_limit = 100e3;
+  o.print_memory = false;
+  try {
+    run_experiment(load_experiment(dir.path() / "exp.yaml", registry), registry, o);
+    FAIL() << "expected a refusal";
+  } catch (const Error& err) {
+    const std::string m = err.what();
+    for (const char* p : {"exp.yaml", "predicted peak memory", "exceeds the 100 kB available", "--jobs", "nsamples",
+                          "--layer-store"})
+      EXPECT_NE(m.find(p), std::string::npos) << p << " in " << m;
+  }
+  EXPECT_FALSE(fs::exists(o.out_dir));
+  o.memory_limit = 10e9;
+  EXPECT_EQ(run_experiment(load_experiment(dir.path() / "exp.yaml", registry), registry, o).failed(), 0);
+}
+
+TEST(MemoryModel, PplOverTheLimitExitsWithTwo) {
+  const auto r = test::run_ptqlab("ppl --model " + test::model_dir("stories260K").string() + " --text " +
+                                  test::data_file("tinystories/valid.txt").string() + " --max-windows 2 --memory-limit 1K");
+  EXPECT_EQ(r.exit_code, 2) << r.output;
+  EXPECT_NE(r.output.find("ptqlab: error: "), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("predicted peak memory"), std::string::npos) << r.output;
+  EXPECT_EQ(std::count(r.output.begin(), r.output.end(), '\n'), 1) << r.output;
+  EXPECT_DOUBLE_EQ(parse_memory_size("1.5GiB", "--memory-limit"), 1.5 * 1024 * 1024 * 1024);
+  EXPECT_THROW(parse_memory_size("6Q", "--memory-limit"), Error);
+}
+
+TEST(LayerStore, SpilledArmsEqualResidentOnesAndLeaveNothing) {
+  test::TempDir dir;
+  test::SmallExperiment e;
+  e.arms = "  - name: gptq\n    quantizer: {name: gptq, params: {bits: 2, group_size: 32}}\n";
+  std::ofstream(dir.path() / "exp.yaml") << e.yaml();
+  PluginRegistry registry;
+  registry.add_search_path(PluginRegistry::default_plugin_dir());
+  auto run = [&](const std::string& store) {
+    RunOptions o;
+    o.out_dir = dir.path() / store;
+    o.layer_store = store;
+    o.print_memory = false;
+    const auto r = run_experiment(load_experiment(dir.path() / "exp.yaml", registry), registry, o);
+    EXPECT_FALSE(fs::exists(o.out_dir / ".gptq.layers")) << store;
+    return r.arms.at(0).result;
+  };
+  const auto mem = run("memory");
+  const auto f32 = run("f32");
+  const auto f16 = run("f16");
+  EXPECT_EQ(mem.metrics, f32.metrics);
+  ASSERT_EQ(mem.linears.size(), f32.linears.size());
+  for (std::size_t i = 0; i < mem.linears.size(); ++i) EXPECT_EQ(mem.linears[i].output_error, f32.linears[i].output_error);
+  const double a = mem.metrics.at("perplexity").at("tinystories").at("ppl");
+  const double b = f16.metrics.at("perplexity").at("tinystories").at("ppl");
+  EXPECT_NE(a, b);  // F16 storage rounds the dequantized weights
+  EXPECT_LT(std::abs(b / a - 1), 0.01) << a << " vs " << b;
+}
+
+}  // namespace
+}  // namespace ptqlab
