@@ -12,6 +12,7 @@
 #include "ptqlab/fault.hpp"
 #include "ptqlab/forward.hpp"
 #include "ptqlab/gptq.hpp"
+#include "ptqlab/layer_checkpoint.hpp"
 
 namespace ptqlab {
 
@@ -153,6 +154,11 @@ ModelInputStats collect_input_stats(const LlamaModel& model, const std::vector<s
 
 std::vector<LinearRecord> quantize_layerwise(LlamaModel& model, const std::vector<std::vector<int>>& windows,
                                              const LayerwiseOptions& options) {
+  return quantize_layerwise_resumable(model, windows, options, LayerwiseResume{});
+}
+
+std::vector<LinearRecord> quantize_layerwise_resumable(LlamaModel& model, const std::vector<std::vector<int>>& windows,
+                                                       const LayerwiseOptions& options, const LayerwiseResume& resume) {
   if (options.quantizer == nullptr && options.plan.empty()) throw std::logic_error("quantize_layerwise: no quantizer");
   if (!options.plan.empty() && static_cast<int>(options.plan.size()) != model.config.num_layers)
     throw std::logic_error("quantize_layerwise: the plan does not cover every layer");
@@ -176,12 +182,18 @@ std::vector<LinearRecord> quantize_layerwise(LlamaModel& model, const std::vecto
   // The calibration streams, batch by batch: hidden states entering the current layer. The FP
   // stream is kept only for quantizers that train against it.
   LayerStreams streams;
-  for (std::size_t first = 0; first < windows.size(); first += per_batch) {
-    const auto n = std::min<std::size_t>(per_batch, windows.size() - first);
-    streams.quant.push_back(embed_tokens(model, flatten(windows, first, n)));
-    streams.shapes.push_back(BatchShape{static_cast<int>(n), seq_len});
+  if (resume.streams != nullptr) {
+    streams = std::move(*resume.streams);
+    if (keep_fp_stream && streams.fp.size() != streams.quant.size())
+      throw std::logic_error("quantize_layerwise: resumed without the FP stream");
+  } else {
+    for (std::size_t first = 0; first < windows.size(); first += per_batch) {
+      const auto n = std::min<std::size_t>(per_batch, windows.size() - first);
+      streams.quant.push_back(embed_tokens(model, flatten(windows, first, n)));
+      streams.shapes.push_back(BatchShape{static_cast<int>(n), seq_len});
+    }
+    if (keep_fp_stream) streams.fp = streams.quant;
   }
-  if (keep_fp_stream) streams.fp = streams.quant;
 
   auto stats_of = [&options](int l, Linear which) -> const InputStats& {
     if (options.input_stats == nullptr || options.input_stats->empty())
@@ -189,8 +201,8 @@ std::vector<LinearRecord> quantize_layerwise(LlamaModel& model, const std::vecto
     return (*options.input_stats)[l][static_cast<int>(input_of(which))];
   };
 
-  std::vector<LinearRecord> records;
-  for (int l = 0; l < c.num_layers; ++l) {
+  std::vector<LinearRecord> records = resume.records;
+  for (int l = resume.start_layer; l < c.num_layers; ++l) {
     if (options.on_layer) options.on_layer(l, c.num_layers);
     // The layer's float32 weights exist only while it is quantized: a copy the quantizer changes
     // and the original (records, FP stream, block reconstruction's target).
@@ -294,6 +306,7 @@ std::vector<LinearRecord> quantize_layerwise(LlamaModel& model, const std::vecto
     else
       model.set_layer(l, std::move(layer));
     if (options.after_layer) options.after_layer(l, records);
+    if (resume.after_layer) resume.after_layer(l, records, streams);
   }
   return records;
 }

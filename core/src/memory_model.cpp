@@ -78,15 +78,26 @@ std::vector<MemoryItem> eval_memory(const LlamaModel& model, long long windows, 
   // Concurrent batches: up to the hardware threads (TBB).
   const double threads = std::max(1u, std::thread::hardware_concurrency());
   const double concurrent = std::min<double>(static_cast<double>(group), threads);
+  // The decoder layers and the head are never in float32 at the same time (a layer's widened copy
+  // is dropped before the head is made), so the peak is the hidden states plus the larger stage.
   std::vector<MemoryItem> items;
-  items.push_back({"one layer widened to f32", widened_layer ? static_cast<double>(model.layer_f32_bytes()) : 0.0});
-  items.push_back({"head widened to f32", head_resident || head_in_place ? 0.0 : static_cast<double>(model.head_f32_bytes())});
   items.push_back({"eval hidden states", static_cast<double>(group) * rows_per_call * c.hidden_size * f});
   // Inside a layer: normed, q, k, v, attention, projection (hidden or q/kv widths) and gate, up.
   const double layer_tmp = rows_per_call * f *
                            (2.0 * c.hidden_size + c.q_dim() + 2.0 * c.kv_dim() + c.q_dim() + 2.0 * c.intermediate_size);
-  items.push_back({"eval layer temporaries", concurrent * layer_tmp});
-  items.push_back({"eval logits", threads * (seq_len - 1) * static_cast<double>(c.vocab_size) * f});
+  const std::vector<MemoryItem> layer_stage = {
+      {"one layer widened to f32", widened_layer ? static_cast<double>(model.layer_f32_bytes()) : 0.0},
+      {"eval layer temporaries", concurrent * layer_tmp}};
+  const std::vector<MemoryItem> head_stage = {
+      {"head widened to f32", head_resident || head_in_place ? 0.0 : static_cast<double>(model.head_f32_bytes())},
+      {"eval logits", threads * (seq_len - 1) * static_cast<double>(c.vocab_size) * f}};
+  auto sum = [](const std::vector<MemoryItem>& v) {
+    double n = 0;
+    for (const auto& i : v) n += i.bytes;
+    return n;
+  };
+  const auto& stage = sum(layer_stage) >= sum(head_stage) ? layer_stage : head_stage;
+  items.insert(items.end(), stage.begin(), stage.end());
   return items;
 }
 

@@ -10,9 +10,11 @@
 #include <map>
 #include <mutex>
 #include <set>
+#include <variant>
 
 #include <fmt/format.h>
 #include <fmt/ranges.h>
+#include <nlohmann/json.hpp>
 #include <tbb/parallel_for.h>
 #include <tbb/task_arena.h>
 
@@ -21,7 +23,10 @@
 #include "ptqlab/build_info.hpp"
 #include "ptqlab/calibration.hpp"
 #include "ptqlab/error.hpp"
+#include "ptqlab/export.hpp"
+#include "ptqlab/fault.hpp"
 #include "ptqlab/forward.hpp"
+#include "ptqlab/layer_checkpoint.hpp"
 #include "ptqlab/memory_model.hpp"
 #include "ptqlab/perplexity.hpp"
 #include "ptqlab/plugin.hpp"
@@ -212,6 +217,13 @@ std::string quantize_key(const ArmSpec& arm, std::size_t step, const std::string
   return sha256_hex(material);
 }
 
+DType export_dtype(const std::string& dtype) {
+  if (dtype == "f32") return DType::F32;
+  if (dtype == "f16") return DType::F16;
+  if (dtype == "bf16") return DType::BF16;
+  throw Error(fmt::format("--export-dtype: unknown dtype '{}' (f16, bf16, f32)", dtype));
+}
+
 DType layer_store_dtype(const std::string& store) {
   if (store == "f32") return DType::F32;
   if (store == "f16") return DType::F16;
@@ -286,7 +298,10 @@ MemoryEstimate::Arm arm_memory(const ArmSpec& arm, const ArmComponents& comp, co
       if (windows == 0) continue;
       // The arm's layers are resident or spilled (f32 spill: in place); the base's are stored.
       auto items = eval_memory(model, windows, seq_len, 0, 0);
-      if (options.layer_store == "memory" || options.layer_store == "f32") items[0].bytes = 0;
+      // The arm's own layers are resident (memory) or mapped F32 in place: none is widened.
+      if (options.layer_store == "memory" || options.layer_store == "f32")
+        for (auto& i : items)
+          if (i.what == "one layer widened to f32") i.bytes = 0;
       double sum = 0;
       for (const auto& i : items) sum += i.bytes;
       if (sum > eval_bytes) {
@@ -308,6 +323,7 @@ RunReport run_experiment(const Experiment& exp, const PluginRegistry& registry, 
   const auto run_start = Clock::now();
   if (options.jobs < 1) throw Error(fmt::format("--jobs must be at least 1, got {}", options.jobs));
   if (options.layer_store != "memory") (void)layer_store_dtype(options.layer_store);
+  if (!options.export_dir.empty()) (void)export_dtype(options.export_dtype);
 
   // 1. Which arms, and which of them are already done.
   std::vector<const ArmSpec*> selected;
@@ -481,6 +497,8 @@ RunReport run_experiment(const Experiment& exp, const PluginRegistry& registry, 
   }
   std::vector<std::int32_t> calibration_tokens;
   for (const auto& w : shared.calibration) calibration_tokens.insert(calibration_tokens.end(), w.begin(), w.end());
+  const std::string calibration_digest = sha256_hex(std::string(
+      reinterpret_cast<const char*>(calibration_tokens.data()), calibration_tokens.size() * sizeof(std::int32_t)));
   // Model and calibration windows, then the experiment seed: what every arm's stage 1 shares.
   std::string stage1_material;
   if (cache.enabled()) {
@@ -608,17 +626,72 @@ RunReport run_experiment(const Experiment& exp, const PluginRegistry& registry, 
                                            static_cast<double>(rec.solver_bits) / static_cast<double>(rec.weights),
                                            rec.solver_loss, rec.status, rec.solve_seconds));
       }
-      // The final quantization may spill the arm's layers to its own files (--layer-store).
-      const auto spill_dir = layer_store_dir(options.out_dir, arm.name);
+      // The final quantization keeps a layer-level checkpoint (docs/slurm.md): after each decoder
+      // layer, the quantized layer as its own file (in the --layer-store dtype, F32 for "memory";
+      // the files are also the spilled layers) and the state to go on from.
+      const bool memory_store = options.layer_store == "memory";
+      const LayerCheckpoint checkpoint(layer_store_dir(options.out_dir, arm.name),
+                                       sha256_hex(arm.config_hash + "|" + options.layer_store + "|" +
+                                                  exp.model_dir.string() + "|" + calibration_digest));
+      LayerStreams resumed_streams;
+      bool checkpointing = true;
       auto quantize = [&](LlamaModel& m, TensorLog* tensor_log, bool final_stage = false) {
         LayerwiseOptions lo;
-        if (final_stage && options.layer_store != "memory" && comp.preprocessors.empty()) {
-          const DType dtype = layer_store_dtype(options.layer_store);
-          std::filesystem::create_directories(spill_dir);
-          lo.keep_layer = [&spill_dir, dtype](LlamaModel& mm, int l, DecoderLayer layer) {
-            mm.set_stored_layer(l, write_layer_file(spill_dir / fmt::format("layer-{:05d}.safetensors", l), mm.config,
-                                                    l, layer, dtype));
+        LayerwiseResume resume;
+        if (final_stage && comp.preprocessors.empty()) {
+          const DType dtype = memory_store ? DType::F32 : layer_store_dtype(options.layer_store);
+          if (!memory_store) std::filesystem::create_directories(checkpoint.dir());
+          // With the memory store the files are only a checkpoint: when they cannot be written (disk
+          // full, a file-size limit) the arm goes on without one and says so once.
+          lo.keep_layer = [&, dtype](LlamaModel& mm, int l, DecoderLayer layer) {
+            if (!memory_store) {
+              mm.set_stored_layer(l, write_layer_file(checkpoint.layer_file(l), mm.config, l, layer, dtype));
+              return;
+            }
+            if (checkpointing) {
+              try {
+                std::filesystem::create_directories(checkpoint.dir());
+                (void)write_layer_file(checkpoint.layer_file(l), mm.config, l, layer, dtype);
+              } catch (const std::exception& e) {
+                checkpointing = false;
+                checkpoint.remove();  // give the space back to the result file
+                monitor.step(arm.name, fmt::format("no layer checkpoints from layer {} on: {}", l, e.what()));
+              }
+            }
+            mm.set_layer(l, std::move(layer));
           };
+          resume.after_layer = [&](int l, const std::vector<LinearRecord>& records, const LayerStreams& streams) {
+            if (!checkpointing) return;
+            try {
+              checkpoint.save(l + 1, records, streams, r.series, r.tensors);
+            } catch (const std::exception& e) {
+              if (!memory_store) throw;
+              checkpointing = false;
+              checkpoint.remove();
+              monitor.step(arm.name, fmt::format("no layer checkpoints from layer {} on: {}", l, e.what()));
+            }
+            fault_point("layer-checkpoint");
+          };
+          if (auto state = checkpoint.load()) {
+            for (int l = 0; l < state->next_layer; ++l) {
+              m.set_stored_layer(l, open_layer_file(checkpoint.layer_file(l), m.config, l));
+              if (memory_store) m.set_layer(l, m.layer_copy(l));
+            }
+            r.series = std::move(state->series);
+            r.tensors = std::move(state->tensors);
+            resumed_streams.quant = std::move(state->quant);
+            resumed_streams.fp = std::move(state->fp);
+            resumed_streams.shapes = std::move(state->shapes);
+            resume.start_layer = state->next_layer;
+            resume.records = std::move(state->records);
+            resume.streams = &resumed_streams;
+            const int n = m.config.num_layers;
+            monitor.step(arm.name, state->next_layer < n
+                                       ? fmt::format("resuming at layer {}/{} from the layer checkpoint in {}",
+                                                     state->next_layer + 1, n, checkpoint.dir().string())
+                                       : fmt::format("resuming after all {} layers from the layer checkpoint in {}", n,
+                                                     checkpoint.dir().string()));
+          }
         }
         lo.quantizer = comp.quantizer.get();
         lo.mask = comp.mask.get();
@@ -630,7 +703,7 @@ RunReport run_experiment(const Experiment& exp, const PluginRegistry& registry, 
           throw_if_stop_requested();  // between layers: a safe point
           stage(fmt::format("quantize layer {}/{}", l + 1, n));
         };
-        return quantize_layerwise(m, shared.calibration, lo);
+        return quantize_layerwise_resumable(m, shared.calibration, lo, resume);
       };
       // Runs every evaluator on `m`; metrics go under "<prefix><evaluator>".
       auto evaluate = [&](const LlamaModel& m, const std::string& prefix) {
@@ -707,6 +780,34 @@ RunReport run_experiment(const Experiment& exp, const PluginRegistry& registry, 
                                          seconds_since(tq),
                                          r.total_bits.paper_per_weight(), r.total_bits.all_in_per_weight()));
       evaluate(model, "");
+      if (!options.export_dir.empty()) {
+        stage("exporting the quantized checkpoint");
+        ExportOptions eo;
+        eo.dtype = export_dtype(options.export_dtype);
+        nlohmann::json params = nlohmann::json::object();
+        for (const auto& param : arm.quantizer.params.values()) {
+          const std::string& key = param.first;
+          std::visit([&params, &key](const auto& v) { params[key] = v; }, param.second);
+        }
+        nlohmann::json q = {{"quant_method", "ptqlab-dequantized"},
+                            {"method", arm.quantizer.name},
+                            {"params", params},
+                            {"bits", {{"paper", r.total_bits.paper_per_weight()}, {"all_in", r.total_bits.all_in_per_weight()}}},
+                            {"ptqlab_version", version()},
+                            {"git_revision", git_revision()},
+                            {"config_hash", arm.config_hash},
+                            {"experiment", exp.name},
+                            {"arm", arm.name},
+                            {"weights", fmt::format("dequantized, stored as {}", options.export_dtype)}};
+        if (arm.mask) q["mask"] = arm.mask->name;
+        for (const auto& p : arm.preprocessors) q["preprocessors"].push_back(p.name);
+        eo.quantization_config_json = q.dump();
+        const auto dir = options.export_dir / arm.name;
+        std::error_code ec;
+        std::filesystem::remove_all(dir, ec);  // a rerun replaces an earlier export of the same arm
+        export_checkpoint(model, dir, eo);
+        monitor.step(arm.name, fmt::format("exported {} checkpoint -> {}", options.export_dtype, dir.string()));
+      }
       out.status = ArmOutcome::Status::completed;
     } catch (const Stopped&) {
       // SIGTERM: nothing of this arm is written, so nothing looks complete; a rerun redoes it.
@@ -715,8 +816,7 @@ RunReport run_experiment(const Experiment& exp, const PluginRegistry& registry, 
       r.seconds = seconds_since(t0);
       monitor.step(arm.name, fmt::format("STOPPED (SIGTERM) during {}: no result written", doing));
       monitor.stage_done(arm.name);
-      std::error_code ec;
-      std::filesystem::remove_all(layer_store_dir(options.out_dir, arm.name), ec);
+      // The layer checkpoint stays: rerunning resumes at the layer where it stopped.
       return;
     } catch (const std::exception& e) {
       // The arm failed (bad numerics, a plugin's error): record it; the other arms go on.
@@ -729,11 +829,6 @@ RunReport run_experiment(const Experiment& exp, const PluginRegistry& registry, 
     r.seconds = seconds_since(t0);
     r.provenance.end_time = utc_now();
     stage("writing results");
-    // The spilled layers are not needed once the arm is evaluated (the mappings close with `model`).
-    {
-      std::error_code ec;
-      std::filesystem::remove_all(layer_store_dir(options.out_dir, arm.name), ec);
-    }
     try {
       writer.submit(out.file, r).get();
       if (out.status == ArmOutcome::Status::completed)
@@ -742,6 +837,12 @@ RunReport run_experiment(const Experiment& exp, const PluginRegistry& registry, 
       out.status = ArmOutcome::Status::failed;
       out.message = e.what();
       monitor.step(arm.name, fmt::format("FAILED to write results: {}", e.what()));
+    }
+    // The arm is done (its result written, or failed): its layer checkpoint and spilled layers go.
+    // A failed arm would fail again the same way; one whose result could not be written reruns.
+    {
+      std::error_code ec;
+      std::filesystem::remove_all(layer_store_dir(options.out_dir, arm.name), ec);
     }
     monitor.arm_finished(arm.name);
   };

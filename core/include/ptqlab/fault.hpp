@@ -6,6 +6,8 @@
 // point costs a string comparison. Points:
 //   calibration           quantize_layerwise, after a decoder layer's Hessians were accumulated
 //   quantizer             quantize_layerwise, after the quantizer finished one linear (or one layer)
+//   layer-checkpoint      the runner, after an arm's layer-level checkpoint of one decoder layer is
+//                         durable (docs/slurm.md, "Layer-level resume")
 //   result-before-rename  the HDF5 writer, after the temporary file is written and fsync'ed, just
 //                         before it is renamed onto <arm>.h5
 // A SIGKILL cannot be caught, so this is exactly what a killed cluster job looks like.

@@ -33,6 +33,10 @@ struct RunOptions {
   std::string layer_store = "memory";
   double memory_limit = 0;  // bytes; 0: what the machine has available (memory_model.hpp)
   bool print_memory = true;  // print the predicted peak before the arms start
+  // When set, every arm that completes also writes its quantized model as a Hugging Face
+  // checkpoint to <export_dir>/<arm>/ (export.hpp), dequantized weights in `export_dtype`.
+  std::filesystem::path export_dir;
+  std::string export_dtype = "f16";
 };
 
 struct ArmOutcome {
