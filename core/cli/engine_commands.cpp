@@ -221,14 +221,15 @@ int cmd_report(const Args& args) {
   po::options_description desc("ptqlab report options");
   desc.add_options()
       ("inputs", po::value(&inputs)->multitoken(), "result directories or files")
-      ("format", po::value(&options.format)->default_value("md"), "md | latex | csv")
+      ("format", po::value(&options.format)->default_value("md"), "md | latex | csv | lm-eval-json (one arm's zero-shot results in lm-eval's layout)")
       ("layout", po::value(&options.layout)->default_value("paper"),
        "paper (a row per method, a column per model x dataset) | ablation (a row per switch combination) | long")
-      ("metric", po::value(&options.metric)->default_value("ppl"), "which metric fills the cells")
+      ("metric", po::value(&options.metric)->default_value("ppl"),
+       "which metric fills the cells; ppl: perplexity, zero-shot acc (%) and mean KLD columns")
       ("out", po::value(&out), "write to this file instead of stdout");
   po::positional_options_description pos;
   pos.add("inputs", -1);
-  auto vm = parse_options("report", "DIR... [--format md|latex|csv] [--layout paper|ablation|long] [--out FILE]", desc,
+  auto vm = parse_options("report", "DIR... [--format md|latex|csv|lm-eval-json] [--layout paper|ablation|long] [--out FILE]", desc,
                           &pos, args);
   if (!vm) return 0;
   if (inputs.empty()) throw Error("ptqlab report needs at least one result directory or file");

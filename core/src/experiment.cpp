@@ -850,13 +850,17 @@ std::vector<std::vector<std::size_t>> combinations(const std::vector<Axis>& axes
 // ---------------------------------------------------------------------------------------------
 // The canonical resolved configuration.
 
-void emit_params(YAML::Emitter& out, const Params& params) {
-  if (params.values().empty()) {
+void emit_params(YAML::Emitter& out, const Params& params, const std::vector<std::string>& skip = {}) {
+  std::size_t shown = 0;
+  for (const auto& kv : params.values())
+    if (std::find(skip.begin(), skip.end(), kv.first) == skip.end()) ++shown;
+  if (shown == 0) {
     out << YAML::Flow << YAML::BeginMap << YAML::EndMap;
     return;
   }
   out << YAML::BeginMap;
   for (const auto& [k, v] : params.values()) {
+    if (std::find(skip.begin(), skip.end(), k) != skip.end()) continue;
     out << YAML::Key;
     emit_text(out, k);
     out << YAML::Value;
@@ -896,7 +900,7 @@ std::string resolved_yaml(const Experiment& x, const ArmSpec& arm) {
     out << YAML::BeginMap << YAML::Key << "evaluator" << YAML::Value;
     emit_text(out, ev.evaluator.name);
     out << YAML::Key << "params" << YAML::Value;
-    emit_params(out, ev.evaluator.params);
+    emit_params(out, ev.evaluator.params, ev.evaluator.unhashed);
     // Datasets sorted by name: the order of keys in the file does not matter.
     std::map<std::string, std::string> datasets;
     for (const auto& d : ev.datasets) datasets[d.name] = d.file.string();
@@ -1019,6 +1023,11 @@ void read_eval(const Doc& doc, const SchemaSource& schemas, const Entry& e, Expe
     EvaluatorSpec spec;
     const Component c = resolve(doc, schemas, ComponentKind::evaluator, raw, what);
     spec.evaluator = c.ref();
+    if (const ComponentSchema* schema = schemas.find(ComponentKind::evaluator, spec.evaluator.name))
+      for (const auto& p : schema->params)
+        if (!p.hashed_when_default && spec.evaluator.params.values().count(p.name) != 0 &&
+            spec.evaluator.params.values().at(p.name) == p.default_value)
+          spec.evaluator.unhashed.push_back(p.name);
 
     const Entry& ds = m.require("datasets");
     if (!ds.value.IsMap())
@@ -1032,7 +1041,8 @@ void read_eval(const Doc& doc, const SchemaSource& schemas, const Entry& e, Expe
       if (!inserted)
         doc.fail(d.key_node.Mark(), fmt::format("dataset '{}' is evaluated by {} twice (first at line {})", d.key,
                                                 c.name, pos->second));
-      spec.datasets.push_back({d.key, read_existing(doc, d, fmt::format("dataset '{}' file", d.key), false)});
+      spec.datasets.push_back({d.key, read_existing(doc, d, fmt::format("dataset '{}' file", d.key), false),
+                               d.key_node.Mark().line + 1, d.key_node.Mark().column + 1});
     }
     x.evaluators.push_back(std::move(spec));
   }

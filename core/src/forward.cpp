@@ -334,6 +334,15 @@ Matrix forward_logits(const LlamaModel& model, std::span<const int> tokens, Batc
   return output_logits(model, hidden);
 }
 
+Matrix final_hidden_states(const LlamaModel& model, std::span<const int> tokens, BatchShape shape) {
+  check_tokens(tokens, shape);
+  Matrix hidden = embed_tokens(model, tokens);
+  run_decoder(model, hidden, shape, nullptr);
+  Matrix normed;
+  rms_norm(hidden, model.final_norm, static_cast<float>(model.config.rms_norm_eps), normed);
+  return normed;
+}
+
 std::vector<double> sequence_nll(const LlamaModel& model, std::span<const int> tokens, BatchShape shape) {
   check_tokens(tokens, shape);
   Matrix hidden = embed_tokens(model, tokens);

@@ -10,6 +10,7 @@
 #include "ptqlab/error.hpp"
 #include "ptqlab/forward.hpp"
 #include "ptqlab/progress.hpp"
+#include "ptqlab/scoring.hpp"
 #include "ptqlab/stop.hpp"
 
 namespace ptqlab {
@@ -94,6 +95,81 @@ PerplexityResult evaluate_perplexity(const LlamaModel& model, std::span<const in
   result.mean_nll = result.total_nll / static_cast<double>(result.predicted_tokens);
   result.ppl = std::exp(result.mean_nll);
   result.tokens_per_s = result.seconds > 0 ? result.tokens / result.seconds : 0;
+  return result;
+}
+
+std::string gptq_wikitext2_text(const std::string& raw) {
+  std::string out;
+  out.reserve(raw.size() + raw.size() / 8);
+  std::size_t pos = 0;
+  bool first = true;
+  while (pos < raw.size()) {
+    std::size_t end = raw.find('\n', pos);
+    end = end == std::string::npos ? raw.size() : end + 1;  // the row keeps its newline
+    const std::string_view row(raw.data() + pos, end - pos);
+    const bool blank = row.find_first_not_of(" \t\r\n\v\f") == std::string_view::npos;
+    if (!first) out += "\n\n";
+    if (!blank) out += row;
+    first = false;
+    pos = end;
+  }
+  return out;
+}
+
+PerplexityResult evaluate_perplexity_llamacpp(const LlamaModel& model, std::span<const int> stream,
+                                              const PerplexityOptions& options, double* uncertainty) {
+  const int n_ctx = options.seq_len > 0 ? options.seq_len : model.config.max_position_embeddings;
+  if (n_ctx < 4) throw Error(fmt::format("seq_len must be at least 4 for the llamacpp protocol, got {}", n_ctx));
+  if (n_ctx > model.config.max_position_embeddings)
+    throw Error(fmt::format("seq_len {} exceeds the model's max_position_embeddings {}", n_ctx,
+                            model.config.max_position_embeddings));
+  long long chunks = static_cast<long long>(stream.size()) / n_ctx;
+  if (options.max_windows > 0) chunks = std::min(chunks, options.max_windows);
+  if (chunks == 0)
+    throw Error(fmt::format("the text has {} tokens, fewer than one chunk of {}", stream.size(), n_ctx));
+  const int first = n_ctx / 2;  // llama.cpp scores logits first .. n_ctx-2
+  const int per_call = options.batch_windows > 0 ? options.batch_windows : std::max(1, 4096 / n_ctx);
+
+  PerplexityResult result;
+  result.seq_len = n_ctx;
+  result.windows = chunks;
+  result.tokens = chunks * n_ctx;
+  result.predicted_tokens = chunks * (n_ctx - 1 - first);
+  result.stream_tokens = static_cast<long long>(stream.size());
+  result.window_nll.assign(chunks, 0.0);
+  std::vector<double> nll(static_cast<std::size_t>(chunks) * (n_ctx - 1 - first));
+
+  std::optional<Progress> progress;
+  if (options.show_progress) progress.emplace(options.label, chunks, "chunks");
+  const auto start = std::chrono::steady_clock::now();
+  for (long long c0 = 0; c0 < chunks; c0 += per_call) {
+    throw_if_stop_requested();
+    const int n = static_cast<int>(std::min<long long>(per_call, chunks - c0));
+    std::vector<int> tokens(stream.begin() + c0 * n_ctx, stream.begin() + (c0 + n) * n_ctx);
+    for (int w = 0; w < n; ++w) tokens[static_cast<std::size_t>(w) * n_ctx] = model.config.bos_token_id;  // replaced, not prepended
+    for_each_logits(model, tokens, BatchShape{n, n_ctx}, first, n_ctx - 1, [&](int w, int p, std::span<const float> l) {
+      const int target = tokens[static_cast<std::size_t>(w) * n_ctx + p + 1];
+      nll[static_cast<std::size_t>(c0 + w) * (n_ctx - 1 - first) + (p - first)] = log_sum_exp(l) - l[target];
+    });
+    if (progress) progress->advance(n);
+  }
+  result.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  if (progress) progress->finish();
+  double sum = 0, sum2 = 0;
+  for (std::size_t i = 0; i < nll.size(); ++i) {
+    sum += nll[i];
+    sum2 += nll[i] * nll[i];
+    result.window_nll[i / (n_ctx - 1 - first)] += nll[i];
+  }
+  const double count = static_cast<double>(nll.size());
+  result.total_nll = sum;
+  result.mean_nll = sum / count;
+  result.ppl = std::exp(result.mean_nll);
+  result.tokens_per_s = result.seconds > 0 ? result.tokens / result.seconds : 0;
+  if (uncertainty != nullptr) {
+    const double var = sum2 / count - result.mean_nll * result.mean_nll;
+    *uncertainty = count > 1 && var > 0 ? result.ppl * std::sqrt(var / (count - 1)) : 0.0;
+  }
   return result;
 }
 

@@ -13,6 +13,7 @@
 #include "ptqlab/error.hpp"
 #include "ptqlab/plot.hpp"
 #include "ptqlab/results.hpp"
+#include "ptqlab/zeroshot.hpp"
 
 namespace ptqlab {
 namespace {
@@ -35,6 +36,28 @@ void collect_switches(const YAML::Node& arm, std::map<std::string, std::string>&
 }
 
 }  // namespace
+
+namespace {
+const std::string kZeroShotAvg = "\x1f" "avg";  // the key of a model's zero-shot average column
+// "preprocessed:zeroshot" -> "zeroshot"
+std::string base_evaluator(const std::string& ev) {
+  const auto colon = ev.rfind(':');
+  return colon == std::string::npos ? ev : ev.substr(colon + 1);
+}
+}  // namespace
+
+std::string column_metric(const std::string& evaluator, const std::string& metric) {
+  if (metric != "ppl") return metric;
+  const std::string ev = base_evaluator(evaluator);
+  if (ev == "zeroshot") return "acc";
+  if (ev == "kl-divergence") return "kld_mean";
+  return metric;
+}
+
+bool higher_is_better(const std::string& evaluator, const std::string& metric) {
+  const std::string m = column_metric(evaluator, metric);
+  return m == "acc" || m == "acc_norm" || m == "same_top";
+}
 
 std::optional<double> budget_target_bits(const std::string& config_yaml) {
   try {
@@ -70,8 +93,12 @@ ResultEntry load_result_entry(const std::filesystem::path& file, const std::stri
   }
   for (const auto& [ev, datasets] : r.metrics)
     for (const auto& [ds, metrics] : datasets) {
-      auto it = metrics.find(metric);
-      if (it != metrics.end()) e.values[ev + "/" + ds] = it->second;
+      const std::string m = column_metric(ev, metric);
+      const bool percent = m != metric;  // zero-shot accuracy, as papers print it
+      auto it = metrics.find(m);
+      if (it != metrics.end()) e.values[ev + "/" + ds] = percent && m == "acc" ? 100.0 * it->second : it->second;
+      if (percent && m == "acc" && metrics.count("chance") && metrics.at("chance") > 0)  // not LAMBADA
+        e.chance[ev + "/" + ds] = 100.0 * metrics.at("chance");
     }
   // A failed arm has no metrics: keep its cells as NaN so the row shows it.
   return e;
@@ -203,8 +230,15 @@ std::vector<std::filesystem::path> find_result_files(const std::vector<std::file
 }
 
 std::string make_report(const std::vector<std::filesystem::path>& inputs, const ReportOptions& o) {
+  if (o.format == "lm-eval-json") {  // one arm, lm-eval's layout
+    const auto files = find_result_files(inputs);
+    if (files.size() != 1)
+      throw Error(fmt::format("--format lm-eval-json writes one arm: give one result file, not {} ({}, ...)",
+                              files.size(), files.front().string()));
+    return lmeval_results_json(files.front());
+  }
   if (o.format != "md" && o.format != "latex" && o.format != "csv")
-    throw Error(fmt::format("--format '{}': must be md, latex or csv", o.format));
+    throw Error(fmt::format("--format '{}': must be md, latex, csv or lm-eval-json", o.format));
   if (o.layout != "paper" && o.layout != "ablation" && o.layout != "long")
     throw Error(fmt::format("--layout '{}': must be paper, ablation or long", o.layout));
   std::vector<Entry> entries;
@@ -217,9 +251,43 @@ std::string make_report(const std::vector<std::filesystem::path>& inputs, const 
     for (const auto& [key, v] : e.values)
       if (seen.insert({e.model, key}).second) columns.push_back({e.model, key});
   std::stable_sort(columns.begin(), columns.end());
+  // Papers' layout: perplexity columns, then zero-shot tasks in the papers' order and their
+  // average (per model), then KL divergence.
+  auto kind_rank = [&](const std::string& key) {
+    const std::string ev = base_evaluator(key.substr(0, key.find('/')));
+    if (o.metric != "ppl") return 0;
+    return ev == "zeroshot" ? 1 : ev == "kl-divergence" ? 3 : 0;
+  };
+  auto task_rank = [&](const std::string& key) {
+    const std::string ds = key.substr(key.find('/') + 1);
+    const auto& names = zeroshot_task_names();
+    const auto it = std::find(names.begin(), names.end(), zeroshot_task_of(ds));
+    return static_cast<long>(it - names.begin());
+  };
+  std::stable_sort(columns.begin(), columns.end(), [&](const auto& a, const auto& b) {
+    if (a.first != b.first) return a.first < b.first;
+    const int ka = kind_rank(a.second), kb = kind_rank(b.second);
+    if (ka != kb) return ka < kb;
+    if (ka == 1 && task_rank(a.second) != task_rank(b.second)) return task_rank(a.second) < task_rank(b.second);
+    return a.second < b.second;
+  });
+  // A zero-shot average column per model after its last zero-shot column (key "zeroshot-avg").
+  if (o.layout != "long" && o.metric == "ppl") {
+    for (std::size_t i = columns.size(); i-- > 0;) {
+      if (kind_rank(columns[i].second) != 1) continue;
+      if (i + 1 < columns.size() && columns[i + 1].first == columns[i].first && kind_rank(columns[i + 1].second) == 1)
+        continue;
+      columns.insert(columns.begin() + static_cast<std::ptrdiff_t>(i) + 1, {columns[i].first, kZeroShotAvg});
+    }
+  }
   auto column_title = [&](const std::pair<std::string, std::string>& c) {
+    if (c.second == kZeroShotAvg) return fmt::format("{} zero-shot avg", c.first);
     const auto slash = c.second.find('/');
     const std::string ev = c.second.substr(0, slash), ds = c.second.substr(slash + 1);
+    if (o.metric == "ppl" && base_evaluator(ev) == "zeroshot")
+      return fmt::format("{} {}{} acc", c.first, ev == "zeroshot" ? "" : ev.substr(0, ev.rfind(':') + 1), ds);
+    if (o.metric == "ppl" && base_evaluator(ev) == "kl-divergence")
+      return fmt::format("{} {}{} KLD", c.first, ev == "kl-divergence" ? "" : ev.substr(0, ev.rfind(':') + 1), ds);
     return fmt::format("{} {}", c.first, ev == "perplexity" && o.metric == "ppl" ? ds : c.second);
   };
 
@@ -327,6 +395,17 @@ std::string make_report(const std::vector<std::filesystem::path>& inputs, const 
       statuses.insert(e->status);
       for (std::size_t c = 0; c < columns.size(); ++c) {
         if (e->model != columns[c].first) continue;
+        if (columns[c].second == kZeroShotAvg) {  // the mean of this arm's zero-shot columns of the model
+          double sum = 0;
+          int n = 0;
+          for (const auto& [key, v] : e->values)
+            if (kind_rank(key) == 1) {
+              sum += v;
+              ++n;
+            }
+          if (n > 0) cells[r][c].values.push_back(sum / n);
+          continue;
+        }
         auto it = e->values.find(columns[c].second);
         if (it != e->values.end()) cells[r][c].values.push_back(it->second);
         else if (e->status != "ok") cells[r][c].values.push_back(std::nan(""));  // a failed run is shown, not dropped
@@ -362,13 +441,17 @@ std::string make_report(const std::vector<std::filesystem::path>& inputs, const 
     t.rows.push_back(row);
     t.bold.push_back(std::vector<bool>(row.size(), false));
   }
-  // Bold: the lowest finite mean of each metric column (perplexity-like metrics).
+  // Bold: the lowest finite mean of each metric column (perplexity-like metrics), the highest of
+  // accuracy columns.
   if (o.format != "csv") {
     const std::size_t first = t.header.size() - columns.size();
     for (std::size_t c = 0; c < columns.size(); ++c) {
-      double best = INFINITY;
+      const bool high = columns[c].second == kZeroShotAvg ||
+                        higher_is_better(columns[c].second.substr(0, columns[c].second.find('/')), o.metric);
+      double best = high ? -INFINITY : INFINITY;
       for (std::size_t r = 0; r < cells.size(); ++r)
-        if (!cells[r][c].empty() && std::isfinite(cells[r][c].mean())) best = std::min(best, cells[r][c].mean());
+        if (!cells[r][c].empty() && std::isfinite(cells[r][c].mean()))
+          best = high ? std::max(best, cells[r][c].mean()) : std::min(best, cells[r][c].mean());
       for (std::size_t r = 0; r < cells.size(); ++r)
         if (!cells[r][c].empty() && cells[r][c].mean() == best) t.bold[r][first + c] = true;
     }
@@ -402,6 +485,15 @@ std::string make_report(const std::vector<std::filesystem::path>& inputs, const 
       note.back() = '.';
       t.notes.push_back(note);
     }
+  }
+  std::map<std::string, double> chance;
+  for (const auto& e : entries)
+    for (const auto& [key, v] : e.chance) chance[e.model + " " + key.substr(key.find('/') + 1)] = v;
+  if (!chance.empty()) {
+    std::string line = "Zero-shot columns: lm-eval acc in % (docs/zeroshot.md); chance level:";
+    for (const auto& [k, v] : chance) line += fmt::format(" {} {:.2f};", k, v);
+    line.back() = '.';
+    t.notes.push_back(line);
   }
   return render(t, o.format);
 }

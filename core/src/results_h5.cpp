@@ -365,6 +365,9 @@ void write_contents(hid_t file, const ArmResult& r) {
         const std::string ds_name = eval_name + "/" + dataset;
         Id gd = create_group(ge, dataset, ds_name);
         for (const auto& [metric, value] : values) attr_f64(gd, ds_name, metric, value);
+        if (auto pe = r.protocols.find(evaluator); pe != r.protocols.end())
+          if (auto pd = pe->second.find(dataset); pd != pe->second.end())
+            attr_string(gd, ds_name, "protocol", pd->second);
         gd.close("closing " + ds_name);
       }
       ge.close("closing " + eval_name);
@@ -518,9 +521,20 @@ void validate(const ArmResult& r) {
     check_link_name(evaluator, "metrics evaluator name");
     for (const auto& [dataset, values] : datasets) {
       check_link_name(dataset, fmt::format("metrics dataset name (evaluator {})", quote(evaluator)));
-      for (const auto& kv : values) check_attr_name(kv.first, fmt::format("metric name of {}", quote(evaluator + "/" + dataset)));
+      for (const auto& kv : values) {
+        check_attr_name(kv.first, fmt::format("metric name of {}", quote(evaluator + "/" + dataset)));
+        if (kv.first == "protocol")
+          throw Failure(fmt::format("metric name 'protocol' of {} is reserved (the protocol id)", quote(evaluator + "/" + dataset)));
+      }
     }
   }
+  for (const auto& [evaluator, datasets] : r.protocols)
+    for (const auto& [dataset, protocol] : datasets) {
+      auto e = r.metrics.find(evaluator);
+      if (e == r.metrics.end() || e->second.count(dataset) == 0)
+        throw Failure(fmt::format("protocol of {} has no metrics group", quote(evaluator + "/" + dataset)));
+      check_text(protocol, fmt::format("protocol of {}", quote(evaluator + "/" + dataset)));
+    }
   for (const auto& l : r.linears) check_text(l.linear, fmt::format("linear name of layer {}", l.layer));
   if (const auto& a = r.allocation) {
     const std::size_t U = a->units.size(), K = a->candidates.size();
@@ -1079,7 +1093,12 @@ ArmResult read_contents(hid_t file) {
         const std::string ds_name = eval_name + "/" + dataset;
         Id gd = open_group(ge, dataset, ds_name);
         auto& values = datasets[dataset];
-        for (const auto& metric : attr_names(gd, ds_name)) values[metric] = attr_double(gd, ds_name, metric);
+        for (const auto& metric : attr_names(gd, ds_name)) {
+          if (metric == "protocol")  // the one string attribute: the evaluation protocol id
+            r.protocols[evaluator][dataset] = read_attr_string(gd, ds_name, metric);
+          else
+            values[metric] = attr_double(gd, ds_name, metric);
+        }
       }
     }
   }

@@ -403,6 +403,20 @@ RunReport run_experiment(const Experiment& exp, const PluginRegistry& registry, 
   std::vector<std::shared_ptr<Evaluator>> evaluators;
   for (const auto& e : exp.evaluators) evaluators.push_back(registry.make_evaluator(e.evaluator.name, e.evaluator.params));
 
+  // Every evaluator checks its datasets against the model before anything is computed.
+  {
+    const LlamaConfig config = load_llama_config(exp.model_dir / "config.json");
+    for (std::size_t e = 0; e < exp.evaluators.size(); ++e)
+      for (const auto& d : exp.evaluators[e].datasets) {
+        try {
+          evaluators[e]->check(EvalCheckContext{d.name, d.file, &config});
+        } catch (const Error& err) {
+          throw Error(fmt::format("{}:{}:{}: eval[{}] {} dataset '{}': {}", exp.file.string(), d.line, d.column, e,
+                                  exp.evaluators[e].evaluator.name, d.name, err.what()));
+        }
+      }
+  }
+
   const ArtifactCache cache = options.cache_dir.empty() ? ArtifactCache() : ArtifactCache(options.cache_dir);
   SharedArtifacts shared;
   monitor.stage("shared", "loading model");
@@ -413,8 +427,9 @@ RunReport run_experiment(const Experiment& exp, const PluginRegistry& registry, 
   shared.tokenizer = std::make_unique<Tokenizer>(tokenizer_path);
   {
     std::vector<std::filesystem::path> texts = {exp.calibration.text};
-    for (const auto& e : exp.evaluators)
-      for (const auto& d : e.datasets) texts.push_back(d.file);
+    for (std::size_t e = 0; e < exp.evaluators.size(); ++e)
+      if (evaluators[e]->needs_token_stream())
+        for (const auto& d : exp.evaluators[e].datasets) texts.push_back(d.file);
     std::sort(texts.begin(), texts.end());
     texts.erase(std::unique(texts.begin(), texts.end()), texts.end());
     std::vector<std::vector<int>> streams(texts.size());
@@ -495,6 +510,7 @@ RunReport run_experiment(const Experiment& exp, const PluginRegistry& registry, 
     report.seconds = seconds_since(run_start);
     return report;
   }
+  const std::string reference_key = model_key(exp.model_dir);
   std::vector<std::int32_t> calibration_tokens;
   for (const auto& w : shared.calibration) calibration_tokens.insert(calibration_tokens.end(), w.begin(), w.end());
   const std::string calibration_digest = sha256_hex(std::string(
@@ -715,9 +731,19 @@ RunReport run_experiment(const Experiment& exp, const PluginRegistry& registry, 
             EvalContext ec;
             ec.dataset = d.name;
             ec.file = d.file;
-            const auto* stream = &shared.streams.at(d.file);
+            static const std::vector<int> no_stream;
+            const auto found = shared.streams.find(d.file);
+            const auto* stream = found != shared.streams.end() ? &found->second : &no_stream;
             ec.tokens = [stream]() -> const std::vector<int>& { return *stream; };
             ec.reference = &shared.model;
+            ec.tokenizer = shared.tokenizer.get();
+            ec.log = &log;
+            ec.log_prefix = "eval/" + prefix + spec.evaluator.name + "/" + d.name + "/";
+            ec.cache_dir = cache.enabled() ? cache.dir() : std::filesystem::path();
+            ec.reference_key = reference_key;
+            std::string protocol;
+            ec.protocol = &protocol;
+            ec.note = [&](const std::string& what) { monitor.step(arm.name, what); };
             const auto te = Clock::now();
             std::map<std::string, double> metrics;
             try {
@@ -732,6 +758,7 @@ RunReport run_experiment(const Experiment& exp, const PluginRegistry& registry, 
             monitor.step(arm.name, fmt::format("{}{} {}: {} ({:.2f}s)", prefix, spec.evaluator.name, d.name,
                                                shown.empty() ? std::string("done") : shown, seconds_since(te)));
             r.metrics[prefix + spec.evaluator.name][d.name] = std::move(metrics);
+            if (!protocol.empty()) r.protocols[prefix + spec.evaluator.name][d.name] = protocol;
           }
         }
       };

@@ -47,8 +47,12 @@ class ArtifactCache {
   };
   Lock lock(const std::string& key) const;
 
- private:
+  // Where an entry of `kind` lives: DIR/<kind>-<hash of key>.bin. Artifacts too large to load whole
+  // (the KL-divergence reference logits) are written and streamed there by their own code, with
+  // the same rules: key stored in the file and checked, temporary name then rename.
   std::filesystem::path path_of(const std::string& key, const char* kind) const;
+
+ private:
   std::filesystem::path dir_;
 };
 

@@ -25,6 +25,9 @@ struct ComponentRef {
   ComponentKind kind = ComponentKind::quantizer;
   std::string name;
   Params params;
+  // Parameters at their default whose schema says hashed_when_default = false: left out of the
+  // resolved configuration.
+  std::vector<std::string> unhashed;
 };
 
 // A bit budget resolved for one arm (docs/experiments.md "Bit budgets"): the parameter value
@@ -80,6 +83,7 @@ struct CalibrationSpec {
 struct DatasetSpec {
   std::string name;            // e.g. "wikitext2"
   std::filesystem::path file;  // absolute
+  int line = 0, column = 0;    // where the dataset is named in the experiment file (1-based)
 };
 
 struct EvaluatorSpec {

@@ -92,6 +92,11 @@ std::vector<double> sequence_nll_from_hidden(const LlamaModel& model, const Eige
 Matrix forward_logits(const LlamaModel& model, std::span<const int> tokens, BatchShape shape,
                       ForwardObserver* observer = nullptr);
 
+// Whole model up to the final RMSNorm: [batch*seq_len, hidden]; logits of any row are that row
+// times output_head()ᵀ. The scoring functions (ptqlab/scoring.hpp) make logits from it for the
+// positions they need only.
+Matrix final_hidden_states(const LlamaModel& model, std::span<const int> tokens, BatchShape shape);
+
 // Whole model, reduced to the summed next-token negative log-likelihood of each sequence
 // (positions 0..seq_len-2 predict 1..seq_len-1), in double. Never materialises the full
 // [rows, vocab] logits, so memory stays bounded for large vocabularies.

@@ -25,6 +25,10 @@ struct ParamSpec {
   std::string doc;
   std::optional<double> min, max;    // inclusive bounds, integer and real only
   std::vector<std::string> choices;  // allowed values, string only (empty: any)
+  // false for a parameter added to an existing component: at its default value it is left out of
+  // the resolved configuration (and so of the config hash), so results made before it existed
+  // keep their resume key. Evaluator parameters only.
+  bool hashed_when_default = true;
 };
 
 // Which plugin interface a component implements.

@@ -53,4 +53,20 @@ long long batches_per_group(const LlamaConfig& config, long long rows, std::size
 PerplexityResult evaluate_perplexity(const LlamaModel& model, std::span<const int> stream,
                                      const PerplexityOptions& options);
 
+// The other protocols (docs/protocols.md), selected by the perplexity evaluator's `protocol`:
+//   gptq-wikitext2: the text as GPTQ-style code builds it from HF wikitext rows (each line of the
+//     raw file with its "\n" is a row, a whitespace-only line an empty row; rows joined with
+//     "\n\n"), then tokenized once with one BOS and cut into windows exactly as ptqlab-ppl-v1
+//     (no BOS per window, every position of every window scored).
+//   llamacpp: llama-perplexity's chunks of seq_len over BOS + text, the first token of each chunk
+//     overwritten with BOS, only the second half scored (positions seq_len/2 .. seq_len-2 predict
+//     the next token); ppl_unc is its "+/-".
+inline constexpr const char* kGptqWikitextProtocol = "gptq-wikitext2";
+inline constexpr const char* kLlamaCppProtocol = "llamacpp";
+std::string gptq_wikitext2_text(const std::string& raw);
+// PerplexityResult of llama.cpp's protocol: window_nll per chunk, predicted_tokens the scored
+// count; `uncertainty` receives llama.cpp's +/- of the final estimate.
+PerplexityResult evaluate_perplexity_llamacpp(const LlamaModel& model, std::span<const int> stream,
+                                              const PerplexityOptions& options, double* uncertainty = nullptr);
+
 }  // namespace ptqlab

@@ -202,10 +202,27 @@ class Preprocessor {
 struct EvalContext {
   std::string dataset;
   std::filesystem::path file;
+  // BOS + ids of the whole file; empty for evaluators whose needs_token_stream() is false.
   std::function<const std::vector<int>&()> tokens;
   const LlamaModel* reference = nullptr;  // the unquantized model (for KL-style metrics)
   bool show_progress = false;
   std::string progress_label;
+  // Since ABI version 4:
+  const Tokenizer* tokenizer = nullptr;  // the model's tokenizer
+  TensorLog* log = nullptr;              // per-item values as series (always stored in the result)
+  std::string log_prefix;                // e.g. "eval/zeroshot/piqa/": prefix for series paths
+  std::filesystem::path cache_dir;       // the run's artifact cache (empty: none)
+  std::string reference_key;             // sha256 naming the reference model's contents (cache keys)
+  std::string* protocol = nullptr;       // out: the protocol id stored beside the metrics
+  std::function<void(const std::string&)> note;  // one line for the run's log
+};
+
+// What an evaluator can check before any arm runs (ptqlab run refuses the experiment, naming the
+// file and line of the dataset): parameters against the model, the dataset file's format.
+struct EvalCheckContext {
+  std::string dataset;
+  std::filesystem::path file;
+  const LlamaConfig* config = nullptr;
 };
 
 class Evaluator {
@@ -213,6 +230,11 @@ class Evaluator {
   virtual ~Evaluator() = default;
   // Metric name -> value, e.g. {"ppl": 5.29, "nll": 1.67, "tokens": 316416}.
   virtual std::map<std::string, double> evaluate(const EvalContext& ctx, const LlamaModel& model) = 0;
+  // Throws ptqlab::Error (one line, without the experiment's file:line) when this evaluator cannot
+  // run on the dataset with this model. Called for every dataset before the arms start.
+  virtual void check(const EvalCheckContext& /*ctx*/) const {}
+  // Whether the engine should tokenize the dataset file as one text (EvalContext::tokens).
+  virtual bool needs_token_stream() const { return true; }
 };
 
 // ----------------------------------------------------------------------------------------------

@@ -16,10 +16,23 @@
 namespace ptqlab {
 
 struct ReportOptions {
-  std::string format = "md";      // md | latex | csv
+  std::string format = "md";      // md | latex | csv | lm-eval-json
   std::string layout = "paper";   // paper | ablation | long
-  std::string metric = "ppl";     // which metric of each evaluator/dataset fills the cells
+  // Which metric of each evaluator/dataset fills the cells. "ppl" (the default) also fills
+  // zero-shot columns with acc in % (plus a zero-shot average per model) and KL-divergence
+  // columns with the mean KLD, the papers' layout; any other name fills every column with it.
+  std::string metric = "ppl";
 };
+
+// The metric a column of evaluator `ev` shows under --metric `metric` ("ppl": acc for zeroshot,
+// kld_mean for kl-divergence, ppl otherwise).
+std::string column_metric(const std::string& evaluator, const std::string& metric);
+// Whether higher is better for that column (zero-shot accuracy).
+bool higher_is_better(const std::string& evaluator, const std::string& metric);
+
+// lm-evaluation-harness's results JSON (research/evaluation.md §1.7) for one arm's result file:
+// results / versions / n-shot / higher_is_better / n-samples / config, plus "ptqlab" provenance.
+std::string lmeval_results_json(const std::filesystem::path& file);
 
 // One result file as the report and plot commands see it.
 struct ResultEntry {
@@ -31,6 +44,7 @@ struct ResultEntry {
   bool allocated = false;                       // a mixed-precision arm (allocation stage, docs/allocation.md)
   std::map<std::string, std::string> switches;  // "quantizer.bits" -> "2", ...
   std::map<std::string, double> values;         // "evaluator/dataset" -> the chosen metric's value
+  std::map<std::string, double> chance;         // zero-shot "evaluator/dataset" -> chance accuracy (%)
 };
 
 // Reads one result file (throws ptqlab::Error naming it when it is not one).

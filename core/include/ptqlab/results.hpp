@@ -92,6 +92,9 @@ struct ArmResult {
   int calibration_seq_len = 0;
   // metrics[evaluator][dataset][name] = value, e.g. metrics["perplexity"]["wikitext2"]["ppl"]
   std::map<std::string, std::map<std::string, std::map<std::string, double>>> metrics;
+  // protocols[evaluator][dataset]: the evaluation protocol id, e.g. "lmeval-0.4.10/piqa@orig",
+  // stored as the string attribute `protocol` of /metrics/<evaluator>/<dataset> (when set).
+  std::map<std::string, std::map<std::string, std::string>> protocols;
   std::vector<LinearRecord> linears;
   BitCount total_bits;  // sum over all quantized linears
   std::vector<LoggedTensor> tensors;
