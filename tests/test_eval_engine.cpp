@@ -120,6 +120,7 @@ TEST(EvalEngine, ZeroShotAndKldInAnExperiment) {
   EXPECT_NE(table.find("chance level: stories260K arc_easy 25.02; stories260K piqa 50.00."),
             std::string::npos)
       << table;
+  EXPECT_NE(table.find("| chance | – | – | – | 50.00 | 25.02 | – | – | – |"), std::string::npos);
   // Column order: perplexity, zero-shot tasks in the papers' order, their average, KLD.
   EXPECT_LT(table.find("| stories260K tinystories |"), table.find("piqa acc"));
   EXPECT_LT(table.find("piqa acc"), table.find("arc_easy acc"));

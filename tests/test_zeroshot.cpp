@@ -160,7 +160,14 @@ TEST(ZeroShotTokens, TruncationDropsContextFromTheLeftAndKeepsTheContinuation) {
   EXPECT_EQ(r.targets, cont);
   const auto untruncated = truncate_request(ctx, cont, 100);
   EXPECT_EQ(untruncated.input.size(), 12u);
-  EXPECT_THROW(truncate_request(ctx, cont, 2), Error);
+  // A continuation longer than the window: the same window, scoring its last max_length tokens.
+  bool cut = false;
+  const auto longer = truncate_request(ctx, cont, 2, &cut);
+  EXPECT_TRUE(cut);
+  EXPECT_EQ(longer.input, (std::vector<int>{110, 111}));
+  EXPECT_EQ(longer.targets, (std::vector<int>{111, 112}));
+  truncate_request(ctx, cont, 8, &cut);
+  EXPECT_FALSE(cut);
 
   // The score of the truncated request is that of an independent forward on T[4:12].
   const auto& f = fixture();

@@ -456,6 +456,29 @@ std::string make_report(const std::vector<std::filesystem::path>& inputs, const 
         if (!cells[r][c].empty() && cells[r][c].mean() == best) t.bold[r][first + c] = true;
     }
   }
+  // The chance level of each zero-shot column, as a last row (paper layout): these tiny models
+  // sit near it on most tasks.
+  std::map<std::pair<std::string, std::string>, double> chance_of;
+  for (const auto& e : entries)
+    for (const auto& [key, v] : e.chance) chance_of[{e.model, key}] = v;
+  if (o.layout == "paper" && !chance_of.empty()) {
+    std::vector<std::string> row = {"chance"};
+    const std::string none = o.format == "csv" ? "" : "–";
+    row.push_back(none);
+    row.push_back(none);
+    if (any_budget) row.push_back(none);
+    for (const auto& c : columns) {
+      auto it = chance_of.find(c);
+      if (it == chance_of.end()) row.push_back(none);
+      else row.push_back(o.format == "csv" ? fmt::format("{}", it->second) : number(it->second));
+    }
+    if (o.format == "csv") {
+      row.push_back("");
+      row.push_back("");
+    }
+    t.rows.push_back(row);
+    t.bold.push_back(std::vector<bool>(row.size(), false));
+  }
   bool any_seeds = false;
   for (const auto& row : cells)
     for (const auto& c : row) any_seeds = any_seeds || c.values.size() > 1;

@@ -85,17 +85,20 @@ void encode_pair(const Tokenizer& tokenizer, const LmEvalPreset& preset, int bos
 }
 
 ScoringRequest truncate_request(const std::vector<int>& context_tokens, const std::vector<int>& continuation_tokens,
-                                int max_length) {
+                                int max_length, bool* continuation_cut) {
   if (continuation_tokens.empty()) throw Error("a continuation encodes to no tokens");
-  if (static_cast<int>(continuation_tokens.size()) > max_length)
-    throw Error(fmt::format("a continuation of {} tokens is longer than max_length {}", continuation_tokens.size(),
-                            max_length));
+  if (max_length < 1) throw Error(fmt::format("max_length must be at least 1, got {}", max_length));
+  const bool cut = static_cast<int>(continuation_tokens.size()) > max_length;
+  if (continuation_cut != nullptr) *continuation_cut = cut;
   std::vector<int> all(context_tokens);
   all.insert(all.end(), continuation_tokens.begin(), continuation_tokens.end());
   const std::size_t start = all.size() > static_cast<std::size_t>(max_length) + 1 ? all.size() - max_length - 1 : 0;
   ScoringRequest r;
   r.input.assign(all.begin() + static_cast<std::ptrdiff_t>(start), all.end() - 1);
-  r.targets = continuation_tokens;
+  if (cut)  // the window holds max_length predictions: the continuation's last max_length tokens
+    r.targets.assign(continuation_tokens.end() - max_length, continuation_tokens.end());
+  else
+    r.targets = continuation_tokens;
   return r;
 }
 
@@ -116,7 +119,7 @@ std::vector<ZeroShotRequest> build_requests(const Tokenizer& tokenizer, const Lm
       const auto& cont = d.continuations.size() == 1 ? d.continuations[0] : d.continuations[c];
       encode_pair(tokenizer, preset, bos_id, eos_id, ctx, cont, r.context_tokens, r.continuation_tokens);
       try {
-        r.scoring = truncate_request(r.context_tokens, r.continuation_tokens, max_length);
+        r.scoring = truncate_request(r.context_tokens, r.continuation_tokens, max_length, &r.continuation_truncated);
       } catch (const Error& e) {
         errors[i] = fmt::format("item at line {}: {}", d.line, e.what());
         return;
@@ -158,11 +161,12 @@ ZeroShotResult evaluate_zeroshot(const LlamaModel& model, const Tokenizer& token
 
   std::vector<ScoringRequest> scoring;
   scoring.reserve(res.requests.size());
-  long long tokens = 0, truncated = 0;
+  long long tokens = 0, truncated = 0, cut = 0;
   for (const auto& r : res.requests) {
     scoring.push_back(r.scoring);
     tokens += static_cast<long long>(r.scoring.input.size());
     truncated += r.truncated ? 1 : 0;
+    cut += r.continuation_truncated ? 1 : 0;
   }
   std::optional<Progress> progress;
   if (options.show_progress) progress.emplace(options.label, static_cast<long long>(scoring.size()), "requests");
@@ -215,6 +219,7 @@ ZeroShotResult evaluate_zeroshot(const LlamaModel& model, const Tokenizer& token
   m["requests"] = static_cast<double>(res.requests.size());
   m["tokens"] = static_cast<double>(tokens);
   m["truncated"] = static_cast<double>(truncated);
+  m["continuation_truncated"] = static_cast<double>(cut);
   m["max_length"] = max_length;
   m["version"] = task.version;
   res.seconds = seconds;  // not a metric: results must not depend on the machine's speed

@@ -7,6 +7,7 @@
 #include <memory>
 
 #include "bench_support.hpp"
+#include "ptqlab/forward.hpp"
 #include "ptqlab/zeroshot.hpp"
 
 namespace ptqlab {
@@ -53,12 +54,42 @@ BENCHMARK_CAPTURE(BM_ZeroShotStories260K, hellaswag, std::string("hellaswag"),
 BENCHMARK_CAPTURE(BM_ZeroShotStories260K, boolq, std::string("boolq"), std::string("boolq/boolq.jsonl"))
     ->Unit(benchmark::kMillisecond)->UseRealTime();
 
+// The baseline measured in the same run: plain next-token NLL (the perplexity inner loop) of 8
+// stories260K windows of 512 tokens, so zero-shot tokens/s can be read as a fraction of it.
+void BM_PerplexityForwardStories260K(benchmark::State& state) {
+  static const LlamaModel model = load_model(kShared + "/models/stories260K");
+  std::vector<int> tokens(8 * 512);
+  for (std::size_t i = 0; i < tokens.size(); ++i) tokens[i] = 3 + static_cast<int>((i * 7919) % 500);
+  for (auto _ : state) {
+    auto nll = sequence_nll(model, tokens, BatchShape{8, 512});
+    benchmark::DoNotOptimize(nll.data());
+  }
+  state.counters["tokens/s"] =
+      benchmark::Counter(static_cast<double>(tokens.size()), benchmark::Counter::kIsIterationInvariantRate);
+}
+BENCHMARK(BM_PerplexityForwardStories260K)->Unit(benchmark::kMillisecond)->UseRealTime();
+
 // A 2-layer LLaMA-7B-shaped model (hidden 4096, 32 heads of 128, vocab 32000), the first 16
 // items; token ids come from the stories260K tokenizer (all below 512, valid in 32000).
-void BM_ZeroShot7BShaped2Layers(benchmark::State& state, const std::string& name, const std::string& file) {
+const LlamaModel& model7b() {
   static const LlamaModel model = random_llama(bench::llama7b_config(2, 32000), 2);
-  run(state, model, task(name, file), 16);
+  return model;
 }
+void BM_ZeroShot7BShaped2Layers(benchmark::State& state, const std::string& name, const std::string& file) {
+  run(state, model7b(), task(name, file), 16);
+}
+// Its baseline in the same run: next-token NLL of one 512-token sequence.
+void BM_PerplexityForward7BShaped2Layers(benchmark::State& state) {
+  std::vector<int> tokens(512);
+  for (std::size_t i = 0; i < tokens.size(); ++i) tokens[i] = 3 + static_cast<int>((i * 7919) % 500);
+  for (auto _ : state) {
+    auto nll = sequence_nll(model7b(), tokens, BatchShape{1, 512});
+    benchmark::DoNotOptimize(nll.data());
+  }
+  state.counters["tokens/s"] =
+      benchmark::Counter(static_cast<double>(tokens.size()), benchmark::Counter::kIsIterationInvariantRate);
+}
+BENCHMARK(BM_PerplexityForward7BShaped2Layers)->Unit(benchmark::kMillisecond)->UseRealTime()->Iterations(2);
 BENCHMARK_CAPTURE(BM_ZeroShot7BShaped2Layers, piqa, std::string("piqa"), std::string("piqa/valid.jsonl"))
     ->Unit(benchmark::kMillisecond)->UseRealTime()->Iterations(2);
 BENCHMARK_CAPTURE(BM_ZeroShot7BShaped2Layers, hellaswag, std::string("hellaswag"),

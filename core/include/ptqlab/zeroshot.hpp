@@ -67,7 +67,9 @@ struct ZeroShotRequest {
   std::vector<int> context_tokens;       // before truncation (BOS included when the preset adds it)
   std::vector<int> continuation_tokens;  // scored
   ScoringRequest scoring;                // model input after left truncation, and the targets
-  bool truncated = false;
+  bool truncated = false;                // context tokens were dropped from the left
+  bool continuation_truncated = false;   // the continuation alone is longer than max_length: only
+                                         // its last max_length tokens are scored
 };
 
 // The context and continuation tokens of one pair under `preset` (research/evaluation.md §1.2).
@@ -75,9 +77,11 @@ void encode_pair(const Tokenizer& tokenizer, const LmEvalPreset& preset, int bos
                  const std::string& context, const std::string& continuation, std::vector<int>& context_tokens,
                  std::vector<int>& continuation_tokens);
 // lm-eval's left truncation to max_length: input = (C + cont)[-(max_length+1):-1], targets = cont.
-// Throws ptqlab::Error when the continuation alone is longer than max_length.
+// A continuation longer than max_length (lm-eval refuses it; a 512-position model meets such
+// answers) keeps the same window: the input is then continuation tokens only and the targets are
+// the continuation's last max_length tokens (*continuation_cut is set).
 ScoringRequest truncate_request(const std::vector<int>& context_tokens, const std::vector<int>& continuation_tokens,
-                                int max_length);
+                                int max_length, bool* continuation_cut = nullptr);
 // Every request of the first `limit` docs (0: all), in doc order then choice order.
 std::vector<ZeroShotRequest> build_requests(const Tokenizer& tokenizer, const LmEvalPreset& preset, int bos_id,
                                             int eos_id, const ZeroShotTask& task, int max_length, long long limit);
