@@ -26,7 +26,7 @@
 #include "ptqlab/model.hpp"
 #include "ptqlab/params.hpp"
 
-#define PTQLAB_PLUGIN_ABI_VERSION 5
+#define PTQLAB_PLUGIN_ABI_VERSION 6
 
 namespace ptqlab {
 
@@ -207,7 +207,7 @@ struct EvalContext {
   const LlamaModel* reference = nullptr;  // the unquantized model (for KL-style metrics)
   bool show_progress = false;
   std::string progress_label;
-  // Since ABI version 4:
+  // Since ABI version 6:
   const Tokenizer* tokenizer = nullptr;  // the model's tokenizer
   TensorLog* log = nullptr;              // per-item values as series (always stored in the result)
   std::string log_prefix;                // e.g. "eval/zeroshot/piqa/": prefix for series paths
