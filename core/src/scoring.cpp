@@ -72,7 +72,9 @@ std::vector<ContinuationScore> score_requests(const LlamaModel& model, std::span
   for (long long i = 0; i < n; ++i) served[rep[i]].push_back(i);
 
   std::vector<ContinuationScore> out(n);
-  const Matrix& head = model.output_head();
+  // The head may stay in the mapped checkpoint (issue 13): borrowed in place or widened once here.
+  const F32Tensor head_f32 = model.head_view();
+  const Eigen::Map<const Matrix> head = head_f32.matrix();
   long long done = 0;
   std::size_t k = 0;
   while (k < reps.size()) {
@@ -130,7 +132,9 @@ void for_each_logits(const LlamaModel& model, std::span<const int> tokens, Batch
   if (first < 0 || last > shape.seq_len || first >= last)
     throw Error(fmt::format("for_each_logits: positions [{}, {}) outside windows of {}", first, last, shape.seq_len));
   const Matrix hidden = final_hidden_states(model, tokens, shape);
-  const Matrix& head = model.output_head();
+  // The head may stay in the mapped checkpoint (issue 13): borrowed in place or widened once here.
+  const F32Tensor head_f32 = model.head_view();
+  const Eigen::Map<const Matrix> head = head_f32.matrix();
   tbb::parallel_for(0, shape.batch, [&](int w) {
     Matrix logits;
     linear_forward(hidden.middleRows(static_cast<Index>(w) * shape.seq_len + first, last - first), head, logits);
