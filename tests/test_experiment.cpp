@@ -1272,6 +1272,30 @@ calibration: {text: {CALIB}, nsamples: 0}
                "calibration.nsamples must be in [1, 1000000], got 0");
 }
 
+TEST_F(Experiments, ErrorStreamDtype) {
+  expect_error(R"(model: {MODEL}
+calibration:
+  text: {CALIB}
+  stream_dtype: fp16
+)",
+               4, 17, "calibration.stream_dtype must be f32, bf16 or f16, got 'fp16'");
+}
+
+// f32 streams are the default and leave the config hash as it always was; bf16 is a new config.
+TEST_F(Experiments, StreamDtypeF32KeepsTheHashAndBf16ChangesIt) {
+  const std::string base = "model: {MODEL}\ncalibration:\n  text: {CALIB}\n";
+  const std::string arms = "arms:\n  - name: a\n    quantizer: fp\n";
+  const auto none = load(base + arms, "a.yaml");
+  const auto f32 = load(base + "  stream_dtype: f32\n" + arms, "a.yaml");
+  const auto bf16 = load(base + "  stream_dtype: bf16\n" + arms, "a.yaml");
+  EXPECT_EQ(none.calibration.stream_dtype, StreamDType::f32);
+  EXPECT_EQ(bf16.calibration.stream_dtype, StreamDType::bf16);
+  EXPECT_EQ(none.arms[0].config_hash, f32.arms[0].config_hash);
+  EXPECT_EQ(none.arms[0].resolved_yaml.find("stream_dtype"), std::string::npos);
+  EXPECT_NE(none.arms[0].config_hash, bf16.arms[0].config_hash);
+  EXPECT_NE(bf16.arms[0].resolved_yaml.find("stream_dtype: bf16"), std::string::npos);
+}
+
 TEST_F(Experiments, ErrorNegativeSeed) {
   expect_error(R"(model: {MODEL}
 seed: -1

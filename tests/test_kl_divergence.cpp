@@ -31,19 +31,22 @@ const Fixture& fixture() {
   return f;
 }
 
-// A 2-bit round-to-nearest copy (per row, min/max grid), to have a model that differs.
-LlamaModel rtn2(const LlamaModel& fp) {
+// A round-to-nearest copy (per row, min/max grid of 2^bits levels), to have a model that differs.
+LlamaModel rtn(const LlamaModel& fp, int bits) {
+  const float levels = static_cast<float>((1 << bits) - 1);
   LlamaModel m = fp;
   for (auto& layer : m.layers)
     for (Linear which : kAllLinears) {
       Matrix& w = layer.linear(which);
       for (Eigen::Index r = 0; r < w.rows(); ++r) {
-        const float lo = w.row(r).minCoeff(), hi = w.row(r).maxCoeff(), scale = (hi - lo) / 3.0f;
+        const float lo = w.row(r).minCoeff(), hi = w.row(r).maxCoeff(), scale = (hi - lo) / levels;
         for (Eigen::Index c = 0; c < w.cols(); ++c) w(r, c) = lo + std::round((w(r, c) - lo) / scale) * scale;
       }
     }
   return m;
 }
+
+LlamaModel rtn2(const LlamaModel& fp) { return rtn(fp, 2); }
 
 KldOptions small(int windows = 4) {
   KldOptions o;
@@ -134,6 +137,27 @@ TEST(Kld, Rtn2BitDivergesAndTheCachedReferenceGivesTheSameNumbers) {
   // A corrupt reference file is recomputed, never trusted.
   std::filesystem::resize_file(first.reference_file, 100);
   EXPECT_FALSE(evaluate_kld(q, f.model, f.stream, o).reference_from_cache);
+}
+
+// The quickstart's arms (FP, RTN 4/3/2-bit per row): KLD against FP orders them as perplexity does.
+TEST(Kld, QuickstartArmsRankTheSameByKldAndByPerplexity) {
+  const auto& f = fixture();
+  PerplexityOptions po;
+  po.seq_len = 256;
+  po.max_windows = 4;
+  po.show_progress = false;
+  std::vector<double> klds = {evaluate_kld(f.model, f.model, f.stream, small()).metrics.at("kld_mean")};
+  std::vector<double> ppls = {evaluate_perplexity(f.model, f.stream, po).ppl};
+  for (int bits : {4, 3, 2}) {
+    const LlamaModel q = rtn(f.model, bits);
+    klds.push_back(evaluate_kld(q, f.model, f.stream, small()).metrics.at("kld_mean"));
+    ppls.push_back(evaluate_perplexity(q, f.stream, po).ppl);
+  }
+  EXPECT_EQ(klds[0], 0.0);
+  for (std::size_t i = 1; i < klds.size(); ++i) {
+    EXPECT_GT(klds[i], klds[i - 1]) << "arm " << i;
+    EXPECT_GT(ppls[i], ppls[i - 1]) << "arm " << i;
+  }
 }
 
 }  // namespace

@@ -86,6 +86,26 @@ TEST(LayerResume, F16LayerStoreResumesToo) {
   expect_same(read_arm_result(dir.path() / "whole" / "gptq.h5"), read_arm_result(out / "gptq.h5"));
 }
 
+// BF16 calibration streams (calibration.stream_dtype): the checkpoint holds them widened, the
+// resumed run holds them in BF16 again, and the result equals the uninterrupted BF16 run's.
+TEST(LayerResume, Bf16StreamsResumeBitIdentical) {
+  test::TempDir dir;
+  std::string text = yaml_text();
+  const std::string at = "calibration:\n";
+  text.replace(text.find(at), at.size(), at + "  stream_dtype: bf16\n");
+  const auto yaml = dir.path() / "exp.yaml";
+  std::ofstream(yaml) << text;
+  ASSERT_EQ(run(yaml, dir.path() / "whole", "").exit_code, 0);
+  const auto out = dir.path() / "killed";
+  EXPECT_NE(run(yaml, out, "layer-checkpoint:2").exit_code, 0);
+  const auto resumed = run(yaml, out, "");
+  ASSERT_EQ(resumed.exit_code, 0) << resumed.output;
+  EXPECT_NE(resumed.output.find("resuming at layer 3/5"), std::string::npos) << resumed.output;
+  const auto whole = read_arm_result(dir.path() / "whole" / "gptq.h5");
+  expect_same(whole, read_arm_result(out / "gptq.h5"));
+  EXPECT_NE(whole.config_hash, "");
+}
+
 TEST(Export, RoundTripGivesTheArmsPerplexity) {
   test::TempDir dir;
   const auto yaml = dir.path() / "exp.yaml";

@@ -8,6 +8,7 @@
 #include <cmath>
 #include <cstring>
 #include <fstream>
+#include <map>
 #include <random>
 
 #include "ptqlab/calibration.hpp"
@@ -19,6 +20,7 @@
 #include "ptqlab/perplexity.hpp"
 #include "ptqlab/plugin.hpp"
 #include "ptqlab/runner.hpp"
+#include "ptqlab/safetensors.hpp"
 #include "ptqlab/synth_model.hpp"
 #include "ptqlab/text_file.hpp"
 #include "ptqlab/tokenizer.hpp"
@@ -176,6 +178,76 @@ TEST(Streaming, LayerwiseQuantizationEqualsInMemory) {
   }
 }
 
+// Calibration streams (docs/architecture.md, "Calibration streams"): float32 is held exactly;
+// BF16/F16 hold exactly what the writers' nearest-even narrowing gives, and are read back widened.
+TEST(ActivationBatches, F32IsExactAndHalfPrecisionHoldsTheNearestValue) {
+  std::mt19937 rng(3);
+  std::normal_distribution<float> normal(0.0f, 4.0f);
+  Matrix m(6, 5);
+  for (Eigen::Index i = 0; i < m.size(); ++i) m.data()[i] = normal(rng);
+  for (StreamDType d : {StreamDType::f32, StreamDType::bf16, StreamDType::f16}) {
+    auto rounded = [d](float x) {
+      return d == StreamDType::f32 ? x : d == StreamDType::bf16 ? bf16_to_f32(f32_to_bf16(x)) : f16_to_f32(f32_to_f16(x));
+    };
+    ActivationBatches a(d);
+    a.push_back(m);
+    ASSERT_EQ(a.size(), 1u);
+    EXPECT_EQ(a.bytes(), 30u * (d == StreamDType::f32 ? 4u : 2u)) << stream_dtype_name(d);
+    const Matrix g = a.get(0);
+    ASSERT_EQ(g.rows(), 6);
+    for (Eigen::Index i = 0; i < m.size(); ++i) ASSERT_EQ(g.data()[i], rounded(m.data()[i])) << stream_dtype_name(d) << i;
+    EXPECT_EQ(a.get_rows(0, 2, 3), g.middleRows(2, 3));
+    Matrix t = a.take(0);
+    t *= 3.0f;
+    EXPECT_TRUE(a.put(0, t));
+    EXPECT_EQ(a.get(0)(4, 1), rounded(t(4, 1)));
+    EXPECT_THROW((void)a.get_rows(0, 4, 3), std::out_of_range);
+  }
+  // F16 overflows to Inf beyond 65504: put() says so (the engine names the layer); BF16 does not.
+  const Matrix big = Matrix::Constant(2, 2, 1e6f);
+  ActivationBatches h(StreamDType::f16), b(StreamDType::bf16);
+  h.push_back(Matrix::Zero(2, 2));
+  b.push_back(Matrix::Zero(2, 2));
+  EXPECT_FALSE(h.put(0, big));
+  EXPECT_TRUE(b.put(0, big));
+  StreamDType parsed = StreamDType::f32;
+  EXPECT_TRUE(parse_stream_dtype("bf16", parsed));
+  EXPECT_EQ(parsed, StreamDType::bf16);
+  EXPECT_FALSE(parse_stream_dtype("fp16", parsed));
+}
+
+// BF16 streams round only what is held between layers: layer-wise GPTQ on stories260K ends close
+// to the float32 run (same decisions mostly, errors within a few percent), not identical.
+TEST(Streaming, Bf16CalibrationStreamsStayCloseToFloat32) {
+  PluginRegistry registry;
+  registry.add_search_path(PluginRegistry::default_plugin_dir());
+  const auto gptq = make_quantizer(registry, "gptq", {{"bits", std::int64_t{4}}, {"group_size", std::int64_t{32}}});
+  const Tokenizer tok(test::model_dir("stories260K") / "tokenizer.model");
+  const auto calib = perplexity_stream(tok, read_utf8_text_file(test::data_file("tinystories/calib.txt")), 1);
+  const auto windows = draw_calibration_windows(calib, 4, 64, 5);
+  const auto fp = load_model(test::model_dir("stories260K"));
+  std::map<StreamDType, double> ppl;
+  std::map<StreamDType, std::vector<LinearRecord>> records;
+  for (StreamDType d : {StreamDType::f32, StreamDType::bf16}) {
+    LlamaModel m = fp;
+    LayerwiseOptions lo;
+    lo.quantizer = gptq.get();
+    lo.stream_dtype = d;
+    records[d] = quantize_layerwise(m, windows, lo);
+    ppl[d] = evaluate_perplexity(m, valid_stream(), quiet(256, 3)).ppl;
+  }
+  const auto& a = records[StreamDType::f32];
+  const auto& b = records[StreamDType::bf16];
+  ASSERT_EQ(a.size(), b.size());
+  bool any_differs = false;
+  for (std::size_t i = 0; i < a.size(); ++i) {
+    EXPECT_NEAR(b[i].weight_error, a[i].weight_error, 0.05 * a[i].weight_error) << i;
+    any_differs = any_differs || a[i].weight_error != b[i].weight_error;
+  }
+  EXPECT_TRUE(any_differs);  // the streams really were rounded
+  EXPECT_NEAR(ppl[StreamDType::bf16], ppl[StreamDType::f32], 0.01 * ppl[StreamDType::f32]);
+}
+
 TEST(LayerFile, F32RoundTripIsExactAndF16Rounds) {
   test::TempDir tmp;
   const auto model = load_model(test::model_dir("stories260K"));
@@ -240,7 +312,7 @@ TEST(MemoryModel, RunOverTheLimitIsRefusedBeforeAnyArm) {
   } catch (const Error& err) {
     const std::string m = err.what();
     for (const char* p : {"exp.yaml", "predicted peak memory", "exceeds the 100 kB available", "--jobs", "nsamples",
-                          "--layer-store"})
+                          "calibration.stream_dtype: bf16", "--layer-store"})
       EXPECT_NE(m.find(p), std::string::npos) << p << " in " << m;
   }
   EXPECT_FALSE(fs::exists(o.out_dir));

@@ -107,7 +107,7 @@ AllocationTable measure_allocation_table(const LlamaModel& model, const std::vec
     const DecoderLayer original = model.layer_copy(l);  // widened while this layer is measured
     CaptureObserver cap;
     for (std::size_t b = 0; b < streams.quant.size(); ++b) {
-      Matrix h = streams.quant[b];
+      Matrix h = streams.quant.get(b);
       decoder_layer_forward(c, original, rope, streams.shapes[b], h, l, &cap);
     }
     std::array<Eigen::MatrixXd, 4> hess;
@@ -211,8 +211,11 @@ AllocationTable measure_allocation_table(const LlamaModel& model, const std::vec
       }
     }
     // The FP layer produces the next layer's inputs.
-    for (std::size_t b = 0; b < streams.quant.size(); ++b)
-      decoder_layer_forward(c, original, rope, streams.shapes[b], streams.quant[b]);
+    for (std::size_t b = 0; b < streams.quant.size(); ++b) {
+      Matrix x = streams.quant.take(b);
+      decoder_layer_forward(c, original, rope, streams.shapes[b], x);
+      streams.quant.put(b, std::move(x));
+    }
   }
   return t;
 }

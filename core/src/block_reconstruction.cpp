@@ -34,12 +34,12 @@ std::vector<double> reconstruct_block(const LlamaConfig& config, const DecoderLa
   std::vector<Matrix> target_fp, target_fq;
   for (std::size_t b = 0; b < streams.quant.size(); ++b) {
     if (options.target_fp) {
-      Matrix y = streams.fp[b];
+      Matrix y = streams.fp.get(b);
       decoder_layer_forward(config, fp_layer, rope, streams.shapes[b], y);
       target_fp.push_back(std::move(y));
     }
     if (options.target_fq) {
-      Matrix y = streams.quant[b];
+      Matrix y = streams.quant.get(b);
       decoder_layer_forward(config, fp_layer, rope, streams.shapes[b], y);
       target_fq.push_back(std::move(y));
     }
@@ -69,7 +69,7 @@ std::vector<double> reconstruct_block(const LlamaConfig& config, const DecoderLa
     for (const auto& w : windows) {
       const BatchShape shape{1, w.seq_len};
       param.effective_weights(layer);
-      const Matrix x = streams.quant[w.batch].middleRows(w.row0, w.seq_len);
+      const Matrix x = streams.quant.get_rows(w.batch, w.row0, w.seq_len);
       decoder_layer_forward_tape(config, layer, rope, shape, x, y, tape);
 
       // The losses accumulate their gradient into grad_y (backward.hpp convention).

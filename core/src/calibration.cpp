@@ -2,6 +2,7 @@
 
 #include <chrono>
 #include <cmath>
+#include <optional>
 #include <random>
 
 #include <fmt/format.h>
@@ -181,11 +182,13 @@ std::vector<LinearRecord> quantize_layerwise_resumable(LlamaModel& model, const 
 
   // The calibration streams, batch by batch: hidden states entering the current layer. The FP
   // stream is kept only for quantizers that train against it.
-  LayerStreams streams;
+  LayerStreams streams{ActivationBatches(options.stream_dtype), ActivationBatches(options.stream_dtype), {}};
   if (resume.streams != nullptr) {
     streams = std::move(*resume.streams);
     if (keep_fp_stream && streams.fp.size() != streams.quant.size())
       throw std::logic_error("quantize_layerwise: resumed without the FP stream");
+    if (streams.quant.dtype() != options.stream_dtype)
+      throw std::logic_error("quantize_layerwise: resumed with another stream dtype");
   } else {
     for (std::size_t first = 0; first < windows.size(); first += per_batch) {
       const auto n = std::min<std::size_t>(per_batch, windows.size() - first);
@@ -204,15 +207,18 @@ std::vector<LinearRecord> quantize_layerwise_resumable(LlamaModel& model, const 
   std::vector<LinearRecord> records = resume.records;
   for (int l = resume.start_layer; l < c.num_layers; ++l) {
     if (options.on_layer) options.on_layer(l, c.num_layers);
-    // The layer's float32 weights exist only while it is quantized: a copy the quantizer changes
-    // and the original (records, FP stream, block reconstruction's target).
+    // The layer's float32 weights exist only while it is quantized: the copy the quantizer changes
+    // and, for decoder-layer quantizers and the FP stream, the original (their target). Per-linear
+    // quantizers keep only the linear being quantized, for its record.
     DecoderLayer layer = model.layer_copy(l);
-    const DecoderLayer original = layer;
+    const bool per_layer = per_layer_at(l);
+    std::optional<DecoderLayer> original;
+    if (per_layer || keep_fp_stream) original = layer;
 
     // 1. Hessians of the inputs the FP layer sees on the quantized stream.
     HessianObserver hess;
     for (std::size_t b = 0; b < streams.quant.size(); ++b) {
-      Matrix h = streams.quant[b];
+      Matrix h = streams.quant.get(b);
       decoder_layer_forward(c, layer, rope, streams.shapes[b], h, l, &hess);
     }
     for (auto& h : hess.sum) h *= 2.0 / static_cast<double>(hess.tokens);
@@ -224,7 +230,6 @@ std::vector<LinearRecord> quantize_layerwise_resumable(LlamaModel& model, const 
     InverseFactorCache factors;
 
     // 2. Masks, then quantization: linear by linear, or the whole layer at once.
-    const bool per_layer = per_layer_at(l);
     std::array<SalientMask, 7> masks;
     std::array<BitCount, 7> bits;
     std::array<double, 7> seconds{};
@@ -246,12 +251,30 @@ std::vector<LinearRecord> quantize_layerwise_resumable(LlamaModel& model, const 
     for (std::size_t i = 0; i < kAllLinears.size(); ++i)
       if (Mask* m = choice(l, i).mask) masks[i] = m->select(linear_context(kAllLinears[i]), layer.linear(kAllLinears[i]));
 
+    // 3. Records: errors against the original weights, on this layer's quantized-stream inputs.
+    auto record = [&](std::size_t i, const Matrix& w0) {
+      const Linear which = kAllLinears[i];
+      const Matrix& w = layer.linear(which);
+      if (!all_finite(w))
+        throw Error(fmt::format("layer {} {}: the quantizer produced non-finite weights", l, linear_name(which)));
+      LinearRecord rec;
+      rec.bits = bits[i];
+      if (choice(l, i).mask != nullptr) rec.bits.masks += masks[i].storage_bits;
+      rec.seconds = seconds[i];
+      rec.layer = l;
+      rec.linear = linear_name(which);
+      const double norm = w0.norm();
+      rec.weight_error = norm > 0 ? (w - w0).norm() / norm : 0.0;
+      rec.output_error = relative_output_error(w0, w, hessian_of(which));
+      records.push_back(rec);
+    };
+
     if (per_layer) {
       LayerContext ctx;
       ctx.config = &c;
       ctx.layer = l;
       ctx.seed = options.seed;
-      ctx.fp_layer = &original;
+      ctx.fp_layer = &*original;
       ctx.inputs = &streams;
       ctx.rope = &rope;
       ctx.input_stats = [&stats_of, l](Linear which) -> const InputStats& { return stats_of(l, which); };
@@ -264,42 +287,40 @@ std::vector<LinearRecord> quantize_layerwise_resumable(LlamaModel& model, const 
       bits = choice(l, 0).quantizer->quantize_layer(ctx, layer);
       fault_point("quantizer");
       seconds.fill(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() / kAllLinears.size());
+      for (std::size_t i = 0; i < kAllLinears.size(); ++i) record(i, original->linear(kAllLinears[i]));
     } else {
       for (std::size_t i = 0; i < kAllLinears.size(); ++i) {
-        auto ctx = linear_context(kAllLinears[i]);
+        const Linear which = kAllLinears[i];
+        auto ctx = linear_context(which);
         if (choice(l, i).mask != nullptr) ctx.mask = &masks[i];
+        const Matrix w0 = original ? Matrix() : layer.linear(which);
         const auto t0 = std::chrono::steady_clock::now();
-        bits[i] = choice(l, i).quantizer->quantize_linear(ctx, layer.linear(kAllLinears[i]));
+        bits[i] = choice(l, i).quantizer->quantize_linear(ctx, layer.linear(which));
         fault_point("quantizer");
         seconds[i] = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+        record(i, original ? original->linear(which) : w0);
+        // The input's last linear (kAllLinears keeps an input's linears together): its Hessian and
+        // factors go, so that at most one input's (down_proj's 11008² at 7B) is held with its factor.
+        const auto input = input_of(which);
+        if (i + 1 == kAllLinears.size() || input_of(kAllLinears[i + 1]) != input) {
+          factors.release(static_cast<int>(input));
+          hess.sum[static_cast<int>(input)] = Eigen::MatrixXd();
+        }
       }
-    }
-
-    // 3. Records: errors against the original weights, on this layer's quantized-stream inputs.
-    for (std::size_t i = 0; i < kAllLinears.size(); ++i) {
-      const Linear which = kAllLinears[i];
-      const Matrix& w = layer.linear(which);
-      if (!all_finite(w))
-        throw Error(fmt::format("layer {} {}: the quantizer produced non-finite weights", l, linear_name(which)));
-      LinearRecord rec;
-      rec.bits = bits[i];
-      if (choice(l, i).mask != nullptr) rec.bits.masks += masks[i].storage_bits;
-      rec.seconds = seconds[i];
-      rec.layer = l;
-      rec.linear = linear_name(which);
-      const Matrix& w0 = original.linear(which);
-      const double norm = w0.norm();
-      rec.weight_error = norm > 0 ? (w - w0).norm() / norm : 0.0;
-      rec.output_error = relative_output_error(w0, w, hessian_of(which));
-      records.push_back(rec);
     }
 
     // 4. The quantized layer produces the next layer's quantized stream; the FP layer the FP stream.
     for (std::size_t b = 0; b < streams.quant.size(); ++b) {
-      decoder_layer_forward(c, layer, rope, streams.shapes[b], streams.quant[b]);
-      if (!all_finite(streams.quant[b]))
-        throw Error(fmt::format("layer {}: non-finite activations after quantization", l));
-      if (keep_fp_stream) decoder_layer_forward(c, original, rope, streams.shapes[b], streams.fp[b]);
+      Matrix x = streams.quant.take(b);
+      decoder_layer_forward(c, layer, rope, streams.shapes[b], x);
+      if (!streams.quant.put(b, std::move(x)))
+        throw Error(fmt::format("layer {}: non-finite activations after quantization{}", l,
+                                options.stream_dtype == StreamDType::f16 ? " (or beyond F16's range: stream_dtype bf16)" : ""));
+      if (keep_fp_stream) {
+        Matrix y = streams.fp.take(b);
+        decoder_layer_forward(c, *original, rope, streams.shapes[b], y);
+        streams.fp.put(b, std::move(y));
+      }
     }
     if (options.keep_layer)
       options.keep_layer(model, l, std::move(layer));

@@ -892,6 +892,9 @@ std::string resolved_yaml(const Experiment& x, const ArmSpec& arm) {
   out << YAML::Key << "nsamples" << YAML::Value << std::to_string(x.calibration.nsamples);
   out << YAML::Key << "seq_len" << YAML::Value << std::to_string(x.calibration.seq_len);
   out << YAML::Key << "seed" << YAML::Value << std::to_string(x.calibration.seed);
+  // Only when asked for: results held in float32 keep the config hash they always had.
+  if (x.calibration.stream_dtype != StreamDType::f32)
+    out << YAML::Key << "stream_dtype" << YAML::Value << stream_dtype_name(x.calibration.stream_dtype);
   out << YAML::EndMap;
   out << YAML::Key << "eval" << YAML::Value;
   if (x.evaluators.empty()) out << YAML::Flow;
@@ -984,7 +987,7 @@ const std::vector<std::string> kTopKeys = {"name",        "model", "seed", "plug
                                            "calibration", "eval",  "base", "arms"};
 
 void read_calibration(const Doc& doc, const Entry& e, const LlamaConfig& model, Experiment& x) {
-  const MapView m(doc, e.value, e.mark(), "calibration", {"text", "nsamples", "seq_len", "seed"});
+  const MapView m(doc, e.value, e.mark(), "calibration", {"text", "nsamples", "seq_len", "seed", "stream_dtype"});
   x.calibration.text = read_existing(doc, m.require("text"), "calibration text", false);
   if (const Entry* n = m.get("nsamples"))
     x.calibration.nsamples = static_cast<int>(read_int(doc, *n, "calibration.nsamples", 1, kMaxNsamples));
@@ -998,6 +1001,11 @@ void read_calibration(const Doc& doc, const Entry& e, const LlamaConfig& model, 
       doc.fail(s->mark(), fmt::format("calibration.seq_len {} exceeds the model's max_position_embeddings ({})", v,
                                       max_pos));
     if (v != 0) x.calibration.seq_len = static_cast<int>(v);
+  }
+  if (const Entry* d = m.get("stream_dtype")) {
+    const std::string v = d->value.IsScalar() ? d->value.Scalar() : std::string();
+    if (!parse_stream_dtype(v, x.calibration.stream_dtype))
+      doc.fail(d->mark(), fmt::format("calibration.stream_dtype must be f32, bf16 or f16, got {}", describe(d->value)));
   }
   x.calibration.seed = x.seed;
   if (const Entry* s = m.get("seed"))

@@ -1,6 +1,7 @@
 #include "ptqlab/gptq.hpp"
 
 #include <cmath>
+#include <iterator>
 
 #include <fmt/format.h>
 #include <tbb/parallel_for.h>
@@ -40,7 +41,9 @@ bool reversed_factor(const Eigen::MatrixXd& H, double shift, Index block, Eigen:
   for (Index j = 0; j < n; ++j)
     for (Index i = 0; i < n; ++i) a(i, j) = static_cast<Scalar>(i == j ? H(n - 1 - i, n - 1 - j) + shift : H(n - 1 - i, n - 1 - j));
   if (!cholesky_lower_in_place(a, block)) return false;
-  u = lower_triangular_inverse(a).template cast<double>().reverse();
+  DenseMatrix<Scalar> inv = lower_triangular_inverse(a);
+  a = DenseMatrix<Scalar>();  // freed before the double copy: at n = 11008 the three together are 1.9 GB
+  u = inv.template cast<double>().reverse();
   u.triangularView<Eigen::StrictlyLower>().setZero();
   return u.allFinite() && (u.diagonal().array() > 0).all();
 }
@@ -52,20 +55,28 @@ FactorPrecision factor_precision_for(Index n, const FactorOptions& options) {
   return n <= options.block ? FactorPrecision::float64 : FactorPrecision::float32;
 }
 
-InverseHessianFactor prepare_inverse_hessian(Eigen::MatrixXd H, Matrix& weight, double percdamp,
+InverseHessianFactor prepare_inverse_hessian(const Eigen::MatrixXd& given, Matrix& weight, double percdamp,
                                              const std::string& what, int max_retries, const FactorOptions& options) {
-  const Index n = H.rows();
-  if (H.cols() != n || weight.cols() != n)
-    throw Error(fmt::format("{}: Hessian is {}x{} but the weight has {} inputs", what, H.rows(), H.cols(), weight.cols()));
-  if (!H.allFinite()) throw Error(fmt::format("{}: the Hessian has non-finite entries", what));
+  const Index n = given.rows();
+  if (given.cols() != n || weight.cols() != n)
+    throw Error(fmt::format("{}: Hessian is {}x{} but the weight has {} inputs", what, given.rows(), given.cols(),
+                            weight.cols()));
+  if (!given.allFinite()) throw Error(fmt::format("{}: the Hessian has non-finite entries", what));
   InverseHessianFactor out;
   for (Index j = 0; j < n; ++j) {
-    if (H(j, j) == 0.0) {
-      H(j, j) = 1.0;
+    if (given(j, j) == 0.0) {
       weight.col(j).setZero();
       out.dead.push_back(j);
     }
   }
+  // Dead inputs get H_jj = 1 (the reference's H[dead, dead] = 1) in a copy; without any, the
+  // Hessian is read in place (at n = 11008 a copy is 0.97 GB).
+  Eigen::MatrixXd patched;
+  if (!out.dead.empty()) {
+    patched = given;
+    for (const Index j : out.dead) patched(j, j) = 1.0;
+  }
+  const Eigen::MatrixXd& H = out.dead.empty() ? given : patched;
   const double mean_diag = H.diagonal().mean();
   const bool single = factor_precision_for(n, options) == FactorPrecision::float32;
   double damp = percdamp;
@@ -96,6 +107,11 @@ std::shared_ptr<const InverseHessianFactor> InverseFactorCache::get(int input, c
 
 std::size_t InverseFactorCache::size() const {
   return factors_.size();
+}
+
+void InverseFactorCache::release(int input) {
+  for (auto it = factors_.begin(); it != factors_.end();)
+    it = it->first.first == input ? factors_.erase(it) : std::next(it);
 }
 
 std::shared_ptr<const InverseHessianFactor> inverse_hessian_factor(const LinearContext& ctx, Matrix& weight,

@@ -137,10 +137,10 @@ void LayerCheckpoint::save(int next_layer, const std::vector<LinearRecord>& reco
   for (std::size_t b = 0; b < streams.shapes.size(); ++b) {
     o.pod<std::int32_t>(streams.shapes[b].batch);
     o.pod<std::int32_t>(streams.shapes[b].seq_len);
-    o.matrix(streams.quant[b]);
+    o.matrix(streams.quant.get(b));  // widened: BF16/F16 values round-trip exactly
   }
   o.pod<std::uint64_t>(streams.fp.size());
-  for (const auto& m : streams.fp) o.matrix(m);
+  for (std::size_t b = 0; b < streams.fp.size(); ++b) o.matrix(streams.fp.get(b));
   o.pod<std::uint64_t>(series.size());
   for (const auto& x : series) {
     o.str(x.path);

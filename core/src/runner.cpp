@@ -255,25 +255,46 @@ MemoryEstimate::Arm arm_memory(const ArmSpec& arm, const ArmComponents& comp, co
   // Quantization stage.
   const bool fp_stream = comp.quantizer && comp.quantizer->granularity() == Quantizer::Granularity::decoder_layer &&
                          comp.quantizer->needs_fp_stream();
-  const double stream = static_cast<double>(nsamples) * calib_len * c.hidden_size * f;
+  const double stream = static_cast<double>(nsamples) * calib_len * c.hidden_size *
+                        static_cast<double>(stream_dtype_bytes(exp.calibration.stream_dtype));
   const double widths[4] = {static_cast<double>(c.hidden_size), static_cast<double>(c.q_dim()),
                             static_cast<double>(c.hidden_size), static_cast<double>(c.intermediate_size)};
-  double hess = 0, widest = 0;
+  double hess_all = 0, widest = 0;
   for (double w : widths) {
-    hess += w * w * d;
+    hess_all += w * w * d;
     widest = std::max(widest, w);
   }
-  hess += widest * widest * f;  // the float XᵀX of one batch
+  const bool per_layer = comp.quantizer && comp.quantizer->granularity() == Quantizer::Granularity::decoder_layer;
   const bool factors = comp.quantizer && comp.quantizer->needs_hessian();
+  // The factor of an n-input Hessian at its peak (gptq.cpp, reversed_factor): above 256 inputs the
+  // float32 triangular inverse and its float64 copy (4 + 8 bytes per entry), else float64 (8 + 8).
+  const double factor_peak = widest * widest * (widest > 256 ? 12.0 : 16.0);
+  const double largest_linear = static_cast<double>(c.hidden_size) * std::max(widest, widths[1]) * f;
   const double rows = std::min<double>(nsamples, std::max(1, 4096 / std::max(1, calib_len))) * calib_len;
   const double layer_tmp =
       rows * f * (3.0 * c.hidden_size + 2.0 * c.q_dim() + 2.0 * c.kv_dim() + 2.0 * c.intermediate_size);
-  std::vector<MemoryItem> quant = {{"layer being quantized (copy + original, f32)", 2 * layer},
-                                   {fp_stream ? "calibration streams (quantized + FP)" : "calibration stream",
-                                    stream * (fp_stream ? 2 : 1)},
-                                   {"Hessians (4 inputs, f64)", hess},
-                                   {"quantizer factors (f64)", factors ? 2 * widest * widest * d : 0.0},
-                                   {"calibration layer temporaries", layer_tmp}};
+  // Two phases never overlap (calibration.cpp): the Hessian pass holds all four Hessians and one
+  // batch's layer temporaries; a per-linear quantizer then frees each input's Hessian and factors
+  // after its last linear, so at most the widest input's are held, with its factor being made and
+  // the column loop's copy of the weight. A decoder-layer quantizer keeps all of them, the
+  // original layer and every factor until the layer is done.
+  double phases;
+  if (per_layer) {
+    double cached = 0;
+    for (double w : widths) cached += w * w * d;
+    phases = hess_all + layer_tmp + (factors ? cached + factor_peak : 0.0);
+  } else {
+    phases = std::max(hess_all + layer_tmp,
+                      widest * widest * d + (factors ? factor_peak + largest_linear : 0.0));
+  }
+  std::vector<MemoryItem> quant;
+  if (per_layer)
+    quant.push_back({"layer being quantized (copy + original, f32)", 2 * layer});
+  else
+    quant.push_back({"layer being quantized (f32) + the largest linear's original", layer + largest_linear});
+  quant.push_back({fp_stream ? "calibration streams (quantized + FP)" : "calibration stream", stream * (fp_stream ? 2 : 1)});
+  quant.push_back(
+      {factors ? "Hessians, factors, temporaries (the larger phase)" : "Hessians and temporaries (the larger phase)", phases});
   // Evaluation stage: the largest dataset.
   std::vector<MemoryItem> eval;
   double eval_bytes = 0;
@@ -481,9 +502,11 @@ RunReport run_experiment(const Experiment& exp, const PluginRegistry& registry, 
     if (limit > 0 && estimate.total_bytes() > limit)
       throw Error(fmt::format(
           "{}: predicted peak memory {} exceeds the {} available{}; lower --jobs (now {}) or calibration.nsamples (now "
-          "{}), keep quantized layers on disk (--layer-store f16), or set --memory-limit",
+          "{}), hold the calibration streams in 16 bits (calibration.stream_dtype: bf16, now {}), keep quantized "
+          "layers on disk (--layer-store f16), or set --memory-limit",
           exp.file.string(), format_bytes(estimate.total_bytes()), format_bytes(limit),
-          options.memory_limit > 0 ? " (--memory-limit)" : "", options.jobs, exp.calibration.nsamples));
+          options.memory_limit > 0 ? " (--memory-limit)" : "", options.jobs, exp.calibration.nsamples,
+          stream_dtype_name(exp.calibration.stream_dtype)));
   }
   if (need_stats) {
     const auto t0 = Clock::now();
@@ -695,8 +718,11 @@ RunReport run_experiment(const Experiment& exp, const PluginRegistry& registry, 
             }
             r.series = std::move(state->series);
             r.tensors = std::move(state->tensors);
-            resumed_streams.quant = std::move(state->quant);
-            resumed_streams.fp = std::move(state->fp);
+            // Saved widened; held again in the stream dtype (exact: the values came from it).
+            resumed_streams.quant = ActivationBatches(exp.calibration.stream_dtype);
+            resumed_streams.fp = ActivationBatches(exp.calibration.stream_dtype);
+            for (auto& x : state->quant) resumed_streams.quant.push_back(std::move(x));
+            for (auto& x : state->fp) resumed_streams.fp.push_back(std::move(x));
             resumed_streams.shapes = std::move(state->shapes);
             resume.start_layer = state->next_layer;
             resume.records = std::move(state->records);
@@ -715,6 +741,7 @@ RunReport run_experiment(const Experiment& exp, const PluginRegistry& registry, 
         lo.input_stats = stats;
         lo.log = tensor_log;
         lo.seed = exp.seed;
+        lo.stream_dtype = exp.calibration.stream_dtype;
         lo.on_layer = [&](int l, int n) {
           throw_if_stop_requested();  // between layers: a safe point
           stage(fmt::format("quantize layer {}/{}", l + 1, n));

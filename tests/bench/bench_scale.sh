@@ -6,7 +6,12 @@
 # peak RssAnon and, where ptqlab predicts one, the predicted peak. Checkpoints are deleted at the end.
 #
 # Usage: tests/bench/bench_scale.sh [WORKDIR]        (default: a fresh directory under /tmp)
-#   BENCH_STEPS="info ppl rtn gptq"   what to run on the 7B checkpoint (default: info ppl rtn)
+#   BENCH_STEPS="info ppl rtn gptq resume export-ppl"
+#                                     what to run on the 7B checkpoint (default: info ppl rtn);
+#                                     gptq: RTN 4-bit + GPTQ 2-bit arms, --jobs 2, exported (F16);
+#                                     resume: the GPTQ arm alone, SIGKILLed after BENCH_KILL_AT
+#                                     layers (default half), rerun, compared with gptq's result;
+#                                     export-ppl: `ptqlab ppl` on gptq's export vs the arm's ppl
 #   BENCH_LAYERS=32                   decoder layers of the 7B checkpoint (fewer: a labelled partial run)
 #   BENCH_13B=1                       also the 13B checkpoint (ppl --max-windows 1 and an RTN arm)
 #   BENCH_KEEP=1                      keep the checkpoints
@@ -42,6 +47,36 @@ measure() {
   awk -v l="$label" -v p="$peak" -v s="$start" -v e="$end" -v rc="$rc" -v pr="${predicted:--}" \
     'BEGIN { printf "%-34s rc %d  wall %8.1f s  peak RssAnon %7.3f GB  predicted %s\n", l, rc, e - s, p * 1024 / 1e9, pr }'
   [ "$rc" = 0 ] || { echo "  (log: $log)"; tail -3 "$log" | sed 's/^/  /'; }
+}
+
+# measure_until_layer LABEL DIR N CMD...: as measure, but SIGKILLs CMD once DIR holds N layer files.
+measure_until_layer() {
+  local label="$1" dir="$2" n="$3"; shift 3
+  local log="$work/$label.log" peak=0 rss
+  "$@" >"$log" 2>&1 &
+  local pid=$!
+  while kill -0 "$pid" 2>/dev/null; do
+    rss=$(awk '/^RssAnon:/ {print $2}' "/proc/$pid/status" 2>/dev/null || echo 0)
+    [ -n "$rss" ] && [ "$rss" -gt "$peak" ] && peak=$rss
+    if [ "$(ls "$dir" 2>/dev/null | grep -c '^layer-.*safetensors$')" -ge "$n" ]; then
+      kill -KILL "$pid"; break
+    fi
+    sleep 0.2
+  done
+  wait "$pid" 2>/dev/null || true
+  awk -v l="$label" -v p="$peak" -v n="$n" \
+    'BEGIN { printf "%-34s SIGKILLed with %d layer files  peak RssAnon %7.3f GB\n", l, n, p * 1024 / 1e9 }'
+}
+
+# same_results A.h5 B.h5: metrics, bit ledgers and per-linear records bit-identical (h5diff, exact).
+same_results() {
+  local what rc=0
+  for what in /metrics /bits /linears/layer /linears/linear /linears/weight_error /linears/output_error \
+              /linears/bits_payload /linears/bits_scales /linears/bits_zeros /linears/bits_masks /linears/bits_paper; do
+    h5diff -r "$1" "$2" "$what" >/dev/null 2>&1 || { echo "  differs: $what"; rc=1; }
+  done
+  [ "$rc" = 0 ] && echo "  $(basename "$1") and $(basename "$2"): metrics, bits and per-linear records bit-identical"
+  return 0
 }
 
 experiment() {  # experiment FILE MODEL ARMS
@@ -86,7 +121,28 @@ for step in $steps; do
   - name: gptq2
     quantizer: {name: gptq, params: {bits: 2, group_size: 128}}"
       measure "run 7B rtn4+gptq2 --jobs 2 (f16 store)" "$ptqlab" run "$work/both7.yaml" --out "$work/both7" --no-cache \
-        --force --jobs 2 --layer-store f16 ;;
+        --force --jobs 2 --layer-store f16 --export-dir "$work/export7" --export-dtype f16
+      grep -h "predicted peak memory\|^memory" "$work/run 7B rtn4+gptq2 --jobs 2 (f16 store).log" | head -12 | sed 's/^/  /'
+      rm -rf "$work/export7/rtn4" ;;   # disk: only the GPTQ export is read back
+    resume)
+      experiment "$work/both7.yaml" "$m7" "  - name: rtn4
+    quantizer: {name: rtn, params: {bits: 4, group_size: 128}}
+  - name: gptq2
+    quantizer: {name: gptq, params: {bits: 2, group_size: 128}}"
+      kill_at="${BENCH_KILL_AT:-$((layers / 2))}"
+      rm -rf "$work/resume7"
+      measure_until_layer "run 7B gptq2 (killed)" "$work/resume7/.gptq2.layers" "$kill_at" \
+        "$ptqlab" run "$work/both7.yaml" --out "$work/resume7" --arms gptq2 --no-cache --layer-store f16
+      measure "run 7B gptq2 (resumed)" "$ptqlab" run "$work/both7.yaml" --out "$work/resume7" --arms gptq2 --no-cache \
+        --layer-store f16
+      grep -h "resuming at layer" "$work/run 7B gptq2 (resumed).log" | head -1 | sed 's/^/  log: /'
+      [ -d "$work/resume7/.gptq2.layers" ] && echo "  checkpoint left behind" || echo "  checkpoint removed"
+      same_results "$work/both7/gptq2.h5" "$work/resume7/gptq2.h5" ;;
+    export-ppl)
+      measure "ppl 7B export (gptq2, F16)" "$ptqlab" ppl --model "$work/export7/gptq2" --text "$text" --seq-len 512 \
+        --max-windows 2 --json
+      echo "  export: $(tail -1 "$work/ppl 7B export (gptq2, F16).log")"
+      echo "  arm:    ppl $(h5dump -a /metrics/perplexity/tinystories/ppl "$work/both7/gptq2.h5" | grep -A1 DATA | tail -1)" ;;
   esac
 done
 for f in "$work"/*/rtn4.h5 "$work"/*/gptq2.h5; do [ -f "$f" ] && echo "result $f"; done

@@ -49,8 +49,8 @@ class LayerQuantizer : public ptqlab::Quantizer {
   std::array<ptqlab::BitCount, 7> quantize_layer(const ptqlab::LayerContext& ctx, ptqlab::DecoderLayer& layer) override {
     double diff = 0, norm = 0;
     for (std::size_t b = 0; b < ctx.inputs->fp.size(); ++b) {
-      diff += (ctx.inputs->fp[b] - ctx.inputs->quant[b]).squaredNorm();
-      norm += ctx.inputs->fp[b].squaredNorm();
+      diff += (ctx.inputs->fp.get(b) - ctx.inputs->quant.get(b)).squaredNorm();
+      norm += ctx.inputs->fp.get(b).squaredNorm();
     }
     ctx.log->series(ctx.log_prefix + "/stream_gap", {std::sqrt(diff / norm)});
     std::array<ptqlab::BitCount, 7> bits;

@@ -48,6 +48,8 @@ struct LayerwiseOptions {
   };
   std::vector<std::array<LinearChoice, 7>> plan;
   const ModelInputStats* input_stats = nullptr;    // FP statistics, when a component needs them
+  // What the calibration streams are held in between layers (calibration.stream_dtype).
+  StreamDType stream_dtype = StreamDType::f32;
   TensorLog* log = nullptr;
   std::uint64_t seed = 0;
   // Called before each layer (layer index, number of layers): progress display.

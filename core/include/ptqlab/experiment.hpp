@@ -12,6 +12,7 @@
 #include <string>
 #include <vector>
 
+#include "ptqlab/activation_stream.hpp"
 #include "ptqlab/bits.hpp"
 #include "ptqlab/params.hpp"
 
@@ -78,6 +79,9 @@ struct CalibrationSpec {
   int nsamples = 128;
   int seq_len = 0;  // 0 in the file: the model's max_position_embeddings (load_experiment resolves it)
   std::uint64_t seed = 0;
+  // What the calibration streams are held in between decoder layers: f32 (exact, the default),
+  // bf16 or f16 (half the memory; docs/architecture.md, "Calibration streams").
+  StreamDType stream_dtype = StreamDType::f32;
 };
 
 struct DatasetSpec {

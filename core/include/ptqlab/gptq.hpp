@@ -67,7 +67,7 @@ struct InverseHessianFactor {
   int retries = 0;                  // how many times it was increased
   std::vector<Eigen::Index> dead;   // input columns with H_jj == 0
 };
-InverseHessianFactor prepare_inverse_hessian(Eigen::MatrixXd H, Matrix& weight, double percdamp,
+InverseHessianFactor prepare_inverse_hessian(const Eigen::MatrixXd& H, Matrix& weight, double percdamp,
                                              const std::string& what, int max_retries = 6,
                                              const FactorOptions& options = {});
 
@@ -82,6 +82,8 @@ class InverseFactorCache {
   std::shared_ptr<const InverseHessianFactor> get(int input, const Eigen::MatrixXd& H, double percdamp,
                                                   const std::string& what);
   std::size_t size() const;
+  // Drops the factors of `input` (its last linear is done); holders of a shared_ptr keep theirs.
+  void release(int input);
 
  private:
   std::map<std::pair<int, double>, std::shared_ptr<const InverseHessianFactor>> factors_;

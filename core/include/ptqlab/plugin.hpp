@@ -20,13 +20,14 @@
 
 #include <Eigen/Core>
 
+#include "ptqlab/activation_stream.hpp"
 #include "ptqlab/allocation.hpp"
 #include "ptqlab/bits.hpp"
 #include "ptqlab/forward.hpp"
 #include "ptqlab/model.hpp"
 #include "ptqlab/params.hpp"
 
-#define PTQLAB_PLUGIN_ABI_VERSION 6
+#define PTQLAB_PLUGIN_ABI_VERSION 7  // 7: LayerStreams holds ActivationBatches (f32/bf16/f16)
 
 namespace ptqlab {
 
@@ -104,12 +105,13 @@ struct LinearContext {
   std::string log_prefix;  // e.g. "layer3/q_proj"
 };
 
-// The calibration inputs of one decoder layer, in batches of whole windows: `fp[b]` is what the
-// FP layers 0..l-1 produce on the FP stream, `quant[b]` what the already-quantized layers 0..l-1
-// produce (the quantized stream). Both are [rows, hidden]; shapes[b] says how rows form windows.
+// The calibration inputs of one decoder layer, in batches of whole windows: batch b of `fp` is
+// what the FP layers 0..l-1 produce on the FP stream, batch b of `quant` what the already-quantized
+// layers 0..l-1 produce (the quantized stream). Both are [rows, hidden], read in float32 with
+// get(b) whatever they are held in (calibration.stream_dtype); shapes[b] says how rows form windows.
 struct LayerStreams {
-  std::vector<Matrix> fp;
-  std::vector<Matrix> quant;
+  ActivationBatches fp;
+  ActivationBatches quant;
   std::vector<BatchShape> shapes;
 };
 
