@@ -5,6 +5,9 @@
 // blocked code at small sizes.
 #include <gtest/gtest.h>
 
+#include <cmath>
+#include <random>
+
 #include <Eigen/Cholesky>
 #include <Eigen/Eigenvalues>
 #include <tbb/global_control.h>
@@ -169,6 +172,39 @@ TEST(InverseHessianFactor, Float32PathKeepsTheDampeningRetry) {
     EXPECT_EQ(f.retries, 5);
     EXPECT_DOUBLE_EQ(f.percdamp, 1e-2);
     EXPECT_TRUE(f.U.allFinite());
+  }
+}
+
+// The per-linear output-error record against a brute-force double sum: exact algebra up to 256
+// inputs, float32 products (about 6 digits) and thread-count independent above.
+TEST(OutputErrorRecord, MatchesBruteForceOnBothPaths) {
+  std::mt19937 rng(17);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  for (Eigen::Index n : {200, 300}) {
+    const Eigen::Index rows = 150, tokens = 400;
+    Matrix w(rows, n), wq(rows, n), x(tokens, n);
+    for (Eigen::Index i = 0; i < w.size(); ++i) w.data()[i] = normal(rng);
+    for (Eigen::Index i = 0; i < w.size(); ++i) wq.data()[i] = w.data()[i] + 0.1f * normal(rng);
+    for (Eigen::Index i = 0; i < x.size(); ++i) x.data()[i] = normal(rng);
+    const Eigen::MatrixXd h = 2.0 * x.cast<double>().transpose() * x.cast<double>() / static_cast<double>(tokens);
+    double num = 0, den = 0;
+    for (Eigen::Index r = 0; r < rows; ++r)
+      for (Eigen::Index a = 0; a < n; ++a)
+        for (Eigen::Index b = 0; b < n; ++b) {
+          const double da = static_cast<double>(wq(r, a)) - w(r, a), db = static_cast<double>(wq(r, b)) - w(r, b);
+          num += da * h(a, b) * db;
+          den += static_cast<double>(w(r, a)) * h(a, b) * w(r, b);
+        }
+    const double want = std::sqrt(num / den);
+    const double got = relative_output_error(w, wq, h);
+    EXPECT_NEAR(got, want, (n <= 256 ? 1e-12 : 1e-5) * want) << n;
+    // From the inputs, in two batches: the same quantity (H's 2/n cancels).
+    const std::vector<Matrix> xs = {x.topRows(150), x.bottomRows(tokens - 150)};
+    const double on_x = relative_output_error_on_inputs(w, wq, xs);
+    EXPECT_NEAR(on_x, want, 1e-5 * want) << n;
+    tbb::global_control single(tbb::global_control::max_allowed_parallelism, 1);
+    EXPECT_EQ(relative_output_error(w, wq, h), got) << n;
+    EXPECT_EQ(relative_output_error_on_inputs(w, wq, xs), on_x) << n;
   }
 }
 

@@ -1,5 +1,9 @@
 #include "ptqlab/calibration.hpp"
 
+#ifdef __GLIBC__
+#include <malloc.h>
+#endif
+
 #include <chrono>
 #include <cmath>
 #include <optional>
@@ -77,6 +81,42 @@ void accumulate_gram(const Matrix& x, Eigen::MatrixXd& sum) {
 
 namespace {
 
+// relative_output_error above 256 inputs (LLaMA-7B's linears: 4.6 TFLOP of double GEMMs per
+// layer done the small-shape way, single-threaded, and 1.1 GB of temporaries at down_proj): the
+// two quadratic forms in float32 products against a float32 copy of H, 64 rows at a time in
+// parallel, each row's sums in double and the blocks added in order, so the value does not depend
+// on the thread count. Float32 products change it in about the 6th digit (it is a diagnostic).
+double relative_output_error_blocked(const Matrix& w, const Matrix& wq, const Eigen::MatrixXd& h) {
+  const Index rows = w.rows(), n = w.cols();
+  const Eigen::MatrixXf hf = h.cast<float>();
+  constexpr Index kRows = 64;
+  const Index blocks = (rows + kRows - 1) / kRows;
+  std::vector<double> num(static_cast<std::size_t>(blocks)), den(static_cast<std::size_t>(blocks));
+  tbb::parallel_for(tbb::blocked_range<Index>(0, blocks, 1), [&](const tbb::blocked_range<Index>& r) {
+    Eigen::MatrixXf d, dh, wh;
+    for (Index b = r.begin(); b < r.end(); ++b) {
+      const Index r0 = b * kRows, nr = std::min(kRows, rows - r0);
+      d = wq.middleRows(r0, nr) - w.middleRows(r0, nr);
+      dh.noalias() = d * hf;
+      wh.noalias() = w.middleRows(r0, nr) * hf;
+      double sn = 0, sd = 0;
+      for (Index i = 0; i < nr; ++i)
+        for (Index j = 0; j < n; ++j) {
+          sn += static_cast<double>(dh(i, j)) * d(i, j);
+          sd += static_cast<double>(wh(i, j)) * w(r0 + i, j);
+        }
+      num[static_cast<std::size_t>(b)] = sn;
+      den[static_cast<std::size_t>(b)] = sd;
+    }
+  }, tbb::simple_partitioner());
+  double sn = 0, sd = 0;
+  for (Index b = 0; b < blocks; ++b) {
+    sn += num[static_cast<std::size_t>(b)];
+    sd += den[static_cast<std::size_t>(b)];
+  }
+  return sd > 0 ? std::sqrt(std::max(0.0, sn) / sd) : 0.0;
+}
+
 // Windows are pushed through the layers in batches of about 4096 tokens.
 int windows_per_batch(int seq_len) { return std::max(1, 4096 / seq_len); }
 
@@ -99,18 +139,24 @@ class StatsObserver : public ForwardObserver {
 };
 
 // Accumulates Σ XᵀX of the four inputs of one layer (float GEMM per batch, double across batches).
+// With keep_below > 0 it also keeps the inputs X of every input with more than keep_below columns
+// (the records' output error is cheaper on X than on H when there are fewer tokens than inputs).
 class HessianObserver : public ForwardObserver {
  public:
   std::array<Eigen::MatrixXd, 4> sum;
+  std::array<std::vector<Matrix>, 4> inputs;
   std::int64_t tokens = 0;
+  Index keep_below = 0;
 
   void on_linear_input(int, LinearInput which, const Matrix& x, BatchShape) override {
     auto& h = sum[static_cast<int>(which)];
     if (h.size() == 0) h = Eigen::MatrixXd::Zero(x.cols(), x.cols());
     accumulate_gram(x, h);
+    if (keep_below > 0 && x.cols() > keep_below) inputs[static_cast<int>(which)].push_back(x);
     if (which == LinearInput::attn_in) tokens += x.rows();
   }
 };
+
 
 std::vector<int> flatten(const std::vector<std::vector<int>>& windows, std::size_t first, std::size_t n) {
   std::vector<int> out;
@@ -120,16 +166,49 @@ std::vector<int> flatten(const std::vector<std::vector<int>>& windows, std::size
 
 bool all_finite(const Matrix& m) { return m.allFinite(); }
 
+}  // namespace
+
+// relative_output_error on the inputs themselves: ||X Dᵀ||² / ||X Wᵀ||² over the batches (the
+// Hessian's 2/n cancels), float32 products in parallel blocks of 64 output rows, sums in double
+// added in order. The same quantity as from H, at 2·tokens·rows·n flops instead of 2·rows·n².
+double relative_output_error_on_inputs(const Matrix& w, const Matrix& wq, const std::vector<Matrix>& xs) {
+  const Index rows = w.rows();
+  constexpr Index kRows = 64;
+  const Index blocks = (rows + kRows - 1) / kRows;
+  std::vector<double> num(static_cast<std::size_t>(blocks)), den(static_cast<std::size_t>(blocks));
+  tbb::parallel_for(tbb::blocked_range<Index>(0, blocks, 1), [&](const tbb::blocked_range<Index>& r) {
+    Matrix d, y;
+    for (Index b = r.begin(); b < r.end(); ++b) {
+      const Index r0 = b * kRows, nr = std::min(kRows, rows - r0);
+      d = wq.middleRows(r0, nr) - w.middleRows(r0, nr);
+      double sn = 0, sd = 0;
+      for (const Matrix& x : xs) {
+        y.noalias() = x * d.transpose();
+        sn += y.cast<double>().squaredNorm();
+        y.noalias() = x * w.middleRows(r0, nr).transpose();
+        sd += y.cast<double>().squaredNorm();
+      }
+      num[static_cast<std::size_t>(b)] = sn;
+      den[static_cast<std::size_t>(b)] = sd;
+    }
+  }, tbb::simple_partitioner());
+  double sn = 0, sd = 0;
+  for (Index b = 0; b < blocks; ++b) {
+    sn += num[static_cast<std::size_t>(b)];
+    sd += den[static_cast<std::size_t>(b)];
+  }
+  return sd > 0 ? std::sqrt(sn / sd) : 0.0;
+}
+
 // ||X Dᵀ||_F / ||X Wᵀ||_F from H ∝ XᵀX: sqrt(tr(D H Dᵀ) / tr(W H Wᵀ)).
 double relative_output_error(const Matrix& w, const Matrix& wq, const Eigen::MatrixXd& h) {
+  if (w.cols() > 256) return relative_output_error_blocked(w, wq, h);
   const Eigen::MatrixXd wd = w.cast<double>();
   const Eigen::MatrixXd d = wq.cast<double>() - wd;
   const double num = ((d * h).cwiseProduct(d)).sum();
   const double den = ((wd * h).cwiseProduct(wd)).sum();
   return den > 0 ? std::sqrt(std::max(0.0, num) / den) : 0.0;
 }
-
-}  // namespace
 
 ModelInputStats collect_input_stats(const LlamaModel& model, const std::vector<std::vector<int>>& windows) {
   ModelInputStats stats(model.config.num_layers);
@@ -217,6 +296,11 @@ std::vector<LinearRecord> quantize_layerwise_resumable(LlamaModel& model, const 
 
     // 1. Hessians of the inputs the FP layer sees on the quantized stream.
     HessianObserver hess;
+    // Fewer calibration tokens than inputs (e.g. 4 x 512 at 7B): the records use X, not H. Never
+    // at the shipped models' sizes (256 inputs at most), whose records stay the double-H ones.
+    std::int64_t calib_tokens = 0;
+    for (const auto& shape : streams.shapes) calib_tokens += static_cast<std::int64_t>(shape.batch) * shape.seq_len;
+    hess.keep_below = std::max<Index>(256, static_cast<Index>(calib_tokens));
     for (std::size_t b = 0; b < streams.quant.size(); ++b) {
       Matrix h = streams.quant.get(b);
       decoder_layer_forward(c, layer, rope, streams.shapes[b], h, l, &hess);
@@ -265,7 +349,9 @@ std::vector<LinearRecord> quantize_layerwise_resumable(LlamaModel& model, const 
       rec.linear = linear_name(which);
       const double norm = w0.norm();
       rec.weight_error = norm > 0 ? (w - w0).norm() / norm : 0.0;
-      rec.output_error = relative_output_error(w0, w, hessian_of(which));
+      const auto& xs = hess.inputs[static_cast<int>(input_of(which))];
+      rec.output_error = xs.empty() ? relative_output_error(w0, w, hessian_of(which))
+                                    : relative_output_error_on_inputs(w0, w, xs);
       records.push_back(rec);
     };
 
@@ -298,13 +384,17 @@ std::vector<LinearRecord> quantize_layerwise_resumable(LlamaModel& model, const 
         bits[i] = choice(l, i).quantizer->quantize_linear(ctx, layer.linear(which));
         fault_point("quantizer");
         seconds[i] = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-        record(i, original ? original->linear(which) : w0);
-        // The input's last linear (kAllLinears keeps an input's linears together): its Hessian and
-        // factors go, so that at most one input's (down_proj's 11008² at 7B) is held with its factor.
+        // The input's last linear (kAllLinears keeps an input's linears together): its factors go
+        // before the record is taken and its Hessian after, so that at most one input's (down_proj's
+        // 11008² at 7B) is held with its factor.
         const auto input = input_of(which);
-        if (i + 1 == kAllLinears.size() || input_of(kAllLinears[i + 1]) != input) {
-          factors.release(static_cast<int>(input));
+        const bool last_of_input = i + 1 == kAllLinears.size() || input_of(kAllLinears[i + 1]) != input;
+        if (last_of_input) factors.release(static_cast<int>(input));
+        record(i, original ? original->linear(which) : w0);
+        if (last_of_input) {
           hess.sum[static_cast<int>(input)] = Eigen::MatrixXd();
+          hess.inputs[static_cast<int>(input)].clear();
+          hess.inputs[static_cast<int>(input)].shrink_to_fit();
         }
       }
     }
@@ -328,6 +418,11 @@ std::vector<LinearRecord> quantize_layerwise_resumable(LlamaModel& model, const 
       model.set_layer(l, std::move(layer));
     if (options.after_layer) options.after_layer(l, records);
     if (resume.after_layer) resume.after_layer(l, records, streams);
+#ifdef __GLIBC__
+    // The layer's temporaries (tens of MB each, below glibc's mmap threshold, in the TBB workers'
+    // arenas) go back to the system instead of waiting in free lists while the next layer runs.
+    ::malloc_trim(0);
+#endif
   }
   return records;
 }

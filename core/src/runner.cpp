@@ -79,6 +79,17 @@ class RunMonitor {
 
   void stage(const std::string& arm, std::string what) {
     std::lock_guard lock(mutex_);
+    if (!interactive_) {
+      // A log file (Slurm, nohup) gets the current stage of an arm at most every 30 s, so that a
+      // long arm (a 7B model's layers) shows how far it is without flooding short runs.
+      const auto now = Clock::now();
+      const auto [it, first] = last_line_.try_emplace(arm, now);
+      if (!first && now - it->second >= std::chrono::seconds(30)) {
+        it->second = now;
+        std::printf("[%s] %s (%s elapsed)\n", arm.c_str(), what.c_str(), format_duration(seconds_since(start_)).c_str());
+        std::fflush(stdout);
+      }
+    }
     stages_[arm] = std::move(what);
     redraw();
   }
@@ -130,6 +141,7 @@ class RunMonitor {
   bool drawn_ = false;
   std::mutex mutex_;
   std::map<std::string, std::string> stages_;
+  std::map<std::string, Clock::time_point> last_line_;  // non-interactive: when an arm's stage was last printed
 };
 
 // Collects logged tensors and series into the arm's result.
@@ -278,6 +290,12 @@ MemoryEstimate::Arm arm_memory(const ArmSpec& arm, const ArmComponents& comp, co
   // after its last linear, so at most the widest input's are held, with its factor being made and
   // the column loop's copy of the weight. A decoder-layer quantizer keeps all of them, the
   // original layer and every factor until the layer is done.
+  // With fewer calibration tokens than inputs the records use the inputs X (calibration.cpp),
+  // kept for every input wider than the token count through the layer's quantization.
+  const double tokens = static_cast<double>(nsamples) * calib_len;
+  double kept_x = 0;
+  for (double w : widths)
+    if (w > std::max(256.0, tokens)) kept_x += tokens * w * f;
   double phases;
   if (per_layer) {
     double cached = 0;
@@ -287,6 +305,7 @@ MemoryEstimate::Arm arm_memory(const ArmSpec& arm, const ArmComponents& comp, co
     phases = std::max(hess_all + layer_tmp,
                       widest * widest * d + (factors ? factor_peak + largest_linear : 0.0));
   }
+  phases += kept_x;
   std::vector<MemoryItem> quant;
   if (per_layer)
     quant.push_back({"layer being quantized (copy + original, f32)", 2 * layer});
@@ -622,9 +641,10 @@ RunReport run_experiment(const Experiment& exp, const PluginRegistry& registry, 
     }
     // What the arm is doing, for the message when SIGTERM stops it.
     std::string doing = "starting";
-    auto stage = [&](std::string what) {
+    // `detail` (an ETA) is shown with the stage but left out of the SIGTERM message.
+    auto stage = [&](std::string what, const std::string& detail = "") {
       doing = what;
-      monitor.stage(arm.name, std::move(what));
+      monitor.stage(arm.name, detail.empty() ? std::move(what) : what + ", " + detail);
     };
     ArmResult& r = out.result;
     r.arm = arm.name;
@@ -742,9 +762,14 @@ RunReport run_experiment(const Experiment& exp, const PluginRegistry& registry, 
         lo.log = tensor_log;
         lo.seed = exp.seed;
         lo.stream_dtype = exp.calibration.stream_dtype;
-        lo.on_layer = [&](int l, int n) {
+        const auto quantize_start = Clock::now();
+        const int first_layer = resume.start_layer;
+        lo.on_layer = [&, quantize_start, first_layer](int l, int n) {
           throw_if_stop_requested();  // between layers: a safe point
-          stage(fmt::format("quantize layer {}/{}", l + 1, n));
+          const int done = l - first_layer;
+          const std::string eta =
+              done > 0 ? format_duration(seconds_since(quantize_start) / done * (n - l)) : std::string("?");
+          stage(fmt::format("quantize layer {}/{}", l + 1, n), "ETA " + eta);
         };
         return quantize_layerwise_resumable(m, shared.calibration, lo, resume);
       };

@@ -36,6 +36,13 @@ ModelInputStats collect_input_stats(const LlamaModel& fp_model, const std::vecto
 // mirrored to the upper triangle. The tiling never depends on the thread count.
 void accumulate_gram(const Matrix& x, Eigen::MatrixXd& sum);
 
+// A linear's record of its output error, ||X (W_q - W)ᵀ||_F / ||X Wᵀ||_F computed from the
+// Hessian: double GEMMs up to 256 inputs, float32 products in parallel row blocks above.
+double relative_output_error(const Matrix& w, const Matrix& wq, const Eigen::MatrixXd& h);
+// The same from the inputs X themselves (batches of [tokens, in]): cheaper when there are fewer
+// calibration tokens than inputs; the engine uses it then (above 256 inputs).
+double relative_output_error_on_inputs(const Matrix& w, const Matrix& wq, const std::vector<Matrix>& xs);
+
 struct LayerwiseOptions {
   Quantizer* quantizer = nullptr;
   Mask* mask = nullptr;                            // optional
