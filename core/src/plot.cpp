@@ -267,9 +267,13 @@ std::vector<PlotOutput> make_plots(const std::vector<std::filesystem::path>& inp
     std::vector<const MethodPoint*> plotted;
     for (const auto& m : methods) {
       const double bits = mean_of(m.bits), value = mean_of(m.values);
-      if (std::isfinite(bits) && std::isfinite(value)) {
+      if (std::isfinite(bits) && std::isfinite(value) && value > 0) {
         points.push_back({bits, value});
         plotted.push_back(&m);
+        continue;
+      }
+      if (std::isfinite(bits) && std::isfinite(value)) {  // the y axis is logarithmic: FP's KLD of 0
+        out.notes.push_back(fmt::format("{} ({}: not on a log scale)", m.method, num(value)));
         continue;
       }
       std::vector<std::string> parts;
@@ -365,7 +369,7 @@ std::vector<PlotOutput> make_plots(const std::vector<std::filesystem::path>& inp
         num(std::pow(10.0, frame.y0)), num(std::pow(10.0, frame.y1)));
     if (!out.notes.empty())
       gp += fmt::format("set label 1 {} at graph 0.01, graph 0.03 left noenhanced font \",9\"\n",
-                        gp_quote("not plotted (NaN/inf): " + fmt::format("{}", fmt::join(out.notes, ", "))));
+                        gp_quote("not plotted: " + fmt::format("{}", fmt::join(out.notes, ", "))));
     std::string plot_cmd = fmt::format(
         "plot {0} index 0 using 1:2:3:4 with yerrorbars pt 7 ps 1.3 lc rgb \"#1f77b4\" title \"method (mean, ±1 std)\", \\\n"
         "     {0} index 0 using 8:9:7 with labels left font \",9\" noenhanced notitle",
