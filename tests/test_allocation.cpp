@@ -77,6 +77,8 @@ TEST(Allocation, ValidationErrorsBeforeCompute) {
   expect(head + "    allocator: {name: dp, budget: 3, unit: tied}\n" + kGptqCandidates, "exp.yaml:8:",
          "unit must be one of linear, tie, layer, got 'tied'");
   expect(head + "    allocator: {name: dp}\n" + kGptqCandidates, "exp.yaml:8:", "missing required key 'budget'");
+  expect(head + "    allocator: {name: dp, budget: 3, loss: block_mse}\n" + kGptqCandidates, "exp.yaml:8:",
+         "loss block_mse measures whole decoder layers: it needs unit: layer, got unit: linear");
   expect(head + "    allocator: {name: dp, budget: 3}\n", "exp.yaml:8:", "missing required key 'candidates'");
   expect(head + "    quantizer: rtn\n    candidates: [{quantizer: rtn}]\n", "exp.yaml:9:", "has candidates but no allocator");
   expect(head + "    quantizer: rtn\n    allocator: {name: dp, budget: 3}\n" + kGptqCandidates, "exp.yaml:8:",
@@ -121,6 +123,8 @@ TEST(Allocation, RealRunSharesOneTableAndMeetsEveryBudget) {
                             "  - name: ilp\n    allocator: {name: ilp, budget: 3.4}\n" + kGptqCandidates +
                             "  - name: mse\n    allocator: {name: greedy, budget: 3.4, loss: out_mse}\n" + kGptqCandidates +
                             "  - name: tie\n    allocator: {name: dp, budget: 3.4, unit: tie}\n" + kGptqCandidates +
+                            "  - name: blk\n    allocator: {name: dp, budget: 3.4, unit: layer, loss: block_mse}\n" +
+                            kGptqCandidates +
                             "  - name: g3\n    quantizer: {name: gptq, params: {bits: 3, group_size: 32}}\n");
   const auto x = load_experiment(yaml, registry());
   RunOptions o;
@@ -171,6 +175,24 @@ TEST(Allocation, RealRunSharesOneTableAndMeetsEveryBudget) {
   EXPECT_LE(r["tie"].total_bits.all_in(), static_cast<double>(tie.budget_bits));
   EXPECT_GE(tie.solver_loss, a34.solver_loss);  // a tie is a constraint: never better than free linears
 
+  // block_mse (layer units): one measured value per layer and candidate, from the same table;
+  // fewer bits give a larger error of the layer's output on every layer, and the choice is the
+  // DP's optimum of that loss within the budget.
+  const auto& blk = *r["blk"].allocation;
+  EXPECT_EQ(blk.table_key, a34.table_key);
+  ASSERT_EQ(blk.units.size(), 5u);
+  ASSERT_EQ(blk.loss_block.size(), 5u * K);
+  EXPECT_TRUE(a34.loss_block.empty());  // linear units have none
+  double chosen = 0;
+  for (std::size_t u = 0; u < 5; ++u) {
+    EXPECT_GT(blk.loss_block[u * K + 0], blk.loss_block[u * K + 1]) << u;
+    EXPECT_GT(blk.loss_block[u * K + 1], blk.loss_block[u * K + 2]) << u;
+    EXPECT_GT(blk.loss_block[u * K + 2], 0.0) << u;
+    chosen += blk.loss_block[u * K + blk.choice[u]];
+  }
+  EXPECT_NEAR(blk.solver_loss, chosen, 1e-12 * chosen);
+  EXPECT_LE(r["blk"].total_bits.all_in(), static_cast<double>(blk.budget_bits));
+
   // The integer program finds the DP's optimum at the same budget.
   EXPECT_NEAR(r["ilp"].allocation->solver_loss, a34.solver_loss, 1e-6 * a34.solver_loss);
   EXPECT_NE(r["ilp"].allocation->status.find("GLPK"), std::string::npos);
@@ -196,7 +218,7 @@ TEST(Allocation, RealRunSharesOneTableAndMeetsEveryBudget) {
   const auto dat = test::read_file(po.out / (plots[0].stem + ".dat"));
   EXPECT_NE(dat.find("# block 2: the Pareto front of the allocated"), std::string::npos) << dat;
   const auto maps = make_allocation_heatmaps({o.out_dir}, po);
-  ASSERT_EQ(maps.size(), 6u);  // dp x 3 budgets, ilp, mse, tie; not the uniform g3
+  ASSERT_EQ(maps.size(), 7u);  // dp x 3 budgets, ilp, mse, tie, blk; not the uniform g3
   const auto cells = test::read_file(po.out / "stories260K-dp-budget3.4-allocation.dat");
   EXPECT_EQ(std::count(cells.begin(), cells.end(), '\n'), 2 + 35);
   EXPECT_NE(cells.find("4\t6\t"), std::string::npos);  // layer 4, down_proj

@@ -76,6 +76,7 @@ AllocationTable measure_allocation_table(const LlamaModel& model, const std::vec
   t.loss_hess.assign(U, std::vector<double>(K, 0.0));
   t.loss_mse.assign(U, std::vector<double>(K, 0.0));
   t.seconds.assign(U, std::vector<double>(K, 0.0));
+  t.loss_block.assign(static_cast<std::size_t>(c.num_layers), std::vector<double>(K, 0.0));
   // unit_of[layer][linear] -> unit index
   std::vector<std::array<std::size_t, 7>> unit_of(c.num_layers);
   for (std::size_t u = 0; u < U; ++u)
@@ -114,6 +115,14 @@ AllocationTable measure_allocation_table(const LlamaModel& model, const std::vec
     for (int i = 0; i < 4; ++i) hess[i] = cap.xtx[i] * (2.0 / static_cast<double>(cap.tokens));
     auto hessian_of = [&hess](Linear which) -> const Eigen::MatrixXd& { return hess[static_cast<int>(input_of(which))]; };
     if (need_fp) streams.fp = streams.quant;
+    // The FP layer's outputs on the first batches (up to kMseTokens tokens): block_mse's target.
+    std::vector<Matrix> fp_out;
+    for (std::int64_t rows = 0, b = 0; b < static_cast<std::int64_t>(streams.quant.size()) && rows < kMseTokens; ++b) {
+      Matrix y = streams.quant.get(static_cast<std::size_t>(b));
+      decoder_layer_forward(c, original, rope, streams.shapes[static_cast<std::size_t>(b)], y);
+      rows += y.rows();
+      fp_out.push_back(std::move(y));
+    }
     // Every candidate sees the same FP Hessians: one inverse factor per input and dampening for all.
     InverseFactorCache factors;
 
@@ -209,6 +218,19 @@ AllocationTable measure_allocation_table(const LlamaModel& model, const std::vec
         t.loss_mse[u][k] += sq / (static_cast<double>(rows) * static_cast<double>(df.rows()));
         t.seconds[u][k] += std::chrono::duration<double>(Clock::now() - t_loss).count();
       }
+      // block_mse: the whole quantized layer against the FP layer, on the same FP inputs.
+      const auto t_block = Clock::now();
+      bool finite = !failed;
+      for (Linear which : kAllLinears) finite = finite && layer.linear(which).allFinite();
+      double sq = 0, count = 0;
+      for (std::size_t b = 0; finite && b < fp_out.size(); ++b) {
+        Matrix y = streams.quant.get(b);
+        decoder_layer_forward(c, layer, rope, streams.shapes[b], y);
+        sq += (y - fp_out[b]).cast<double>().squaredNorm();
+        count += static_cast<double>(y.size());
+      }
+      t.loss_block[static_cast<std::size_t>(l)][k] = finite && count > 0 && std::isfinite(sq) ? sq / count : kNeverLoss;
+      t.seconds[unit_of[l][0]][k] += std::chrono::duration<double>(Clock::now() - t_block).count();
     }
     // The FP layer produces the next layer's inputs.
     for (std::size_t b = 0; b < streams.quant.size(); ++b) {

@@ -55,6 +55,7 @@ AllocationTable aggregate_allocation_table(const AllocationTable& per_linear, co
   t.loss_hess.assign(U, std::vector<double>(K, 0.0));
   t.loss_mse.assign(U, std::vector<double>(K, 0.0));
   t.seconds.assign(U, std::vector<double>(K, 0.0));
+  t.loss_block = per_linear.loss_block;  // per layer already
   for (std::size_t u = 0; u < U; ++u)
     for (Linear w : units[u].linears) {
       const std::size_t i = static_cast<std::size_t>(units[u].layer) * kAllLinears.size() + static_cast<std::size_t>(w);
@@ -92,6 +93,7 @@ std::string allocation_table_json(const AllocationTable& t) {
   j["bits_paper"] = t.bits_paper;
   j["loss_hess"] = losses(t.loss_hess);
   j["loss_mse"] = losses(t.loss_mse);
+  j["loss_block"] = losses(t.loss_block);
   j["seconds"] = t.seconds;
   return j.dump();
 }
@@ -126,12 +128,16 @@ std::optional<AllocationTable> allocation_table_from_json(const std::string& tex
     t.bits_paper = j.at("bits_paper").get<std::vector<std::vector<std::int64_t>>>();
     t.loss_hess = losses(j.at("loss_hess"));
     t.loss_mse = losses(j.at("loss_mse"));
+    t.loss_block = losses(j.at("loss_block"));  // absent in entries from before it: recomputed
     t.seconds = j.at("seconds").get<std::vector<std::vector<double>>>();
     const std::size_t U = t.units.size(), K = t.candidates.size();
     for (const auto* m : {&t.bits_allin, &t.bits_paper})
       if (m->size() != U || (U > 0 && (*m)[0].size() != K)) return std::nullopt;
     for (const auto* m : {&t.loss_hess, &t.loss_mse, &t.seconds})
       if (m->size() != U || (U > 0 && (*m)[0].size() != K)) return std::nullopt;
+    if (t.loss_block.size() != static_cast<std::size_t>(t.num_layers)) return std::nullopt;
+    for (const auto& row : t.loss_block)
+      if (row.size() != K) return std::nullopt;
     return t;
   } catch (const std::exception&) {
     return std::nullopt;  // a corrupt entry is recomputed, never trusted
@@ -161,7 +167,15 @@ AllocationTable cached_allocation_table(const ArtifactCache& cache, const std::s
 AllocationProblem allocation_problem(const AllocationTable& t, const AllocationSpec& spec) {
   AllocationProblem p;
   p.cost = spec.metric == "paper" ? t.bits_paper : t.bits_allin;
-  p.loss = spec.loss == "out_mse" ? t.loss_mse : t.loss_hess;
+  if (spec.loss == "block_mse") {
+    // Layer units only (checked when the experiment is read): one row per layer.
+    for (const auto& u : t.units) {
+      if (u.linears.size() != kAllLinears.size()) throw std::logic_error("allocation: block_mse needs layer units");
+      p.loss.push_back(t.loss_block.at(static_cast<std::size_t>(u.layer)));
+    }
+  } else {
+    p.loss = spec.loss == "out_mse" ? t.loss_mse : t.loss_hess;
+  }
   p.budget = spec.budget_bits;
   p.units = t.units;
   p.num_layers = t.num_layers;
@@ -223,6 +237,8 @@ AllocationOutcome solve_allocation(const AllocationTable& t, const AllocationSpe
       r.bits_paper.push_back(t.bits_paper[u][k]);
       r.loss_hess.push_back(t.loss_hess[u][k]);
       r.loss_mse.push_back(t.loss_mse[u][k]);
+      if (unit.linears.size() == kAllLinears.size() && !t.loss_block.empty())
+        r.loss_block.push_back(t.loss_block[static_cast<std::size_t>(unit.layer)][k]);
       r.seconds.push_back(t.seconds[u][k]);
       r.measure_seconds += t.seconds[u][k];
     }

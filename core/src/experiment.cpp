@@ -1121,7 +1121,10 @@ AllocationDraft read_allocation(const Doc& doc, const SchemaSource& schemas, con
   };
   choice("metric", a.metric, {"allin", "paper"});
   choice("unit", a.unit, {"linear", "tie", "layer"});
-  choice("loss", a.loss, {"hess", "out_mse"});
+  choice("loss", a.loss, {"hess", "out_mse", "block_mse"});
+  if (a.loss == "block_mse" && a.unit != "layer")
+    doc.fail(m.get("loss")->mark(), fmt::format("{} loss block_mse measures whole decoder layers: it needs unit: layer, "
+                                                "got unit: {}", what, a.unit));
 
   if (candidates == nullptr)
     doc.fail(m.mark(), fmt::format("missing required key 'candidates' in {} (an allocator chooses among candidates)",

@@ -306,6 +306,8 @@ void write_allocation(hid_t file, const AllocationRecord& a) {
   write_vector(g, "loss_hess", a.loss_hess, {U, K}, H5T_IEEE_F64LE, H5T_NATIVE_DOUBLE);
   write_vector(g, "loss_mse", a.loss_mse, {U, K}, H5T_IEEE_F64LE, H5T_NATIVE_DOUBLE);
   write_vector(g, "seconds", a.seconds, {U, K}, H5T_IEEE_F64LE, H5T_NATIVE_DOUBLE);
+  if (!a.loss_block.empty())  // layer units only
+    write_vector(g, "loss_block", a.loss_block, {U, K}, H5T_IEEE_F64LE, H5T_NATIVE_DOUBLE);
   g.close("closing /allocation");
 }
 
@@ -543,7 +545,8 @@ void validate(const ArmResult& r) {
     for (const auto& kv : a->info) check_attr_name(kv.first, "allocation info name");
     if (a->unit_linears.size() != U || a->unit_layer.size() != U || a->unit_weights.size() != U || a->choice.size() != U ||
         a->bits_allin.size() != U * K || a->bits_paper.size() != U * K || a->loss_hess.size() != U * K ||
-        a->loss_mse.size() != U * K || a->seconds.size() != U * K)
+        a->loss_mse.size() != U * K || a->seconds.size() != U * K ||
+        (!a->loss_block.empty() && a->loss_block.size() != U * K))
       throw Failure("allocation table columns do not match its units and candidates");
   }
 
@@ -953,6 +956,9 @@ AllocationRecord read_allocation(hid_t file) {
   a.loss_hess = numbers("loss_hess", double{}, H5T_NATIVE_DOUBLE, H5T_FLOAT, U * K);
   a.loss_mse = numbers("loss_mse", double{}, H5T_NATIVE_DOUBLE, H5T_FLOAT, U * K);
   a.seconds = numbers("seconds", double{}, H5T_NATIVE_DOUBLE, H5T_FLOAT, U * K);
+  const htri_t block = H5Lexists(g, "loss_block", H5P_DEFAULT);  // layer units; absent in older files
+  if (block < 0) fail_h5("looking up " + n + "/loss_block");
+  if (block > 0) a.loss_block = numbers("loss_block", double{}, H5T_NATIVE_DOUBLE, H5T_FLOAT, U * K);
   return a;
 }
 

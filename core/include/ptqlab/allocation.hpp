@@ -33,6 +33,10 @@ struct AllocationTable {
   std::vector<std::vector<double>> loss_hess;          // tr(ΔW H ΔWᵀ), H = 2XᵀX/n, summed over the unit
   std::vector<std::vector<double>> loss_mse;           // mean over tokens and outputs of (X ΔWᵀ)², summed
   std::vector<std::vector<double>> seconds;            // measurement time per (unit, candidate)
+  // [layer][candidate]: mean over tokens and hidden units of the squared difference between the
+  // decoder layer's output with the candidate's quantized layer and with the FP layer, both on the
+  // FP inputs (loss: block_mse; per layer whatever the units, so only layer units use it).
+  std::vector<std::vector<double>> loss_block;
   int num_layers = 0;
   std::string key;  // the content hash it is cached under
   bool from_cache = false;  // loaded from the artifact cache rather than measured in this run

@@ -77,6 +77,7 @@ struct AllocationRecord {
   // [units x candidates], row-major.
   std::vector<std::int64_t> bits_allin, bits_paper;
   std::vector<double> loss_hess, loss_mse, seconds;
+  std::vector<double> loss_block;  // [units x candidates] for layer units; empty otherwise
 };
 
 struct ArmResult {
