@@ -8,6 +8,7 @@
 #include <cmath>
 #include <optional>
 #include <random>
+#include <utility>
 
 #include <fmt/format.h>
 #include <tbb/parallel_for.h>
@@ -81,40 +82,46 @@ void accumulate_gram(const Matrix& x, Eigen::MatrixXd& sum) {
 
 namespace {
 
-// relative_output_error above 256 inputs (LLaMA-7B's linears: 4.6 TFLOP of double GEMMs per
-// layer done the small-shape way, single-threaded, and 1.1 GB of temporaries at down_proj): the
-// two quadratic forms in float32 products against a float32 copy of H, 64 rows at a time in
-// parallel, each row's sums in double and the blocks added in order, so the value does not depend
-// on the thread count. Float32 products change it in about the 6th digit (it is a diagnostic).
-double relative_output_error_blocked(const Matrix& w, const Matrix& wq, const Eigen::MatrixXd& h) {
-  const Index rows = w.rows(), n = w.cols();
-  const Eigen::MatrixXf hf = h.cast<float>();
+// sqrt(Σ num / Σ den) over blocks of 64 output rows run in parallel: `block(r0, nr)` returns one
+// block's (num, den) in double; the blocks are added in order, so the value does not depend on
+// the thread count.
+template <class BlockSums>
+double ratio_over_row_blocks(Index rows, BlockSums block) {
   constexpr Index kRows = 64;
   const Index blocks = (rows + kRows - 1) / kRows;
-  std::vector<double> num(static_cast<std::size_t>(blocks)), den(static_cast<std::size_t>(blocks));
+  std::vector<std::pair<double, double>> sums(static_cast<std::size_t>(blocks));
   tbb::parallel_for(tbb::blocked_range<Index>(0, blocks, 1), [&](const tbb::blocked_range<Index>& r) {
-    Eigen::MatrixXf d, dh, wh;
-    for (Index b = r.begin(); b < r.end(); ++b) {
-      const Index r0 = b * kRows, nr = std::min(kRows, rows - r0);
-      d = wq.middleRows(r0, nr) - w.middleRows(r0, nr);
-      dh.noalias() = d * hf;
-      wh.noalias() = w.middleRows(r0, nr) * hf;
-      double sn = 0, sd = 0;
-      for (Index i = 0; i < nr; ++i)
-        for (Index j = 0; j < n; ++j) {
-          sn += static_cast<double>(dh(i, j)) * d(i, j);
-          sd += static_cast<double>(wh(i, j)) * w(r0 + i, j);
-        }
-      num[static_cast<std::size_t>(b)] = sn;
-      den[static_cast<std::size_t>(b)] = sd;
-    }
+    for (Index b = r.begin(); b < r.end(); ++b)
+      sums[static_cast<std::size_t>(b)] = block(b * kRows, std::min(kRows, rows - b * kRows));
   }, tbb::simple_partitioner());
-  double sn = 0, sd = 0;
-  for (Index b = 0; b < blocks; ++b) {
-    sn += num[static_cast<std::size_t>(b)];
-    sd += den[static_cast<std::size_t>(b)];
+  double num = 0, den = 0;
+  for (const auto& [n, d] : sums) {
+    num += n;
+    den += d;
   }
-  return sd > 0 ? std::sqrt(std::max(0.0, sn) / sd) : 0.0;
+  return den > 0 ? std::sqrt(std::max(0.0, num) / den) : 0.0;
+}
+
+// relative_output_error above 256 inputs (LLaMA-7B's linears: 4.6 TFLOP of double GEMMs per
+// layer done the small-shape way, single-threaded, and 1.1 GB of temporaries at down_proj): the
+// two quadratic forms in float32 products against a float32 copy of H, in parallel row blocks,
+// each row's sums in double. Float32 products change it in about the 6th digit (a diagnostic).
+double relative_output_error_blocked(const Matrix& w, const Matrix& wq, const Eigen::MatrixXd& h) {
+  const Index n = w.cols();
+  const Eigen::MatrixXf hf = h.cast<float>();
+  return ratio_over_row_blocks(w.rows(), [&](Index r0, Index nr) {
+    const Eigen::MatrixXf d = wq.middleRows(r0, nr) - w.middleRows(r0, nr);
+    Eigen::MatrixXf dh(nr, n), wh(nr, n);
+    dh.noalias() = d * hf;
+    wh.noalias() = w.middleRows(r0, nr) * hf;
+    double sn = 0, sd = 0;
+    for (Index i = 0; i < nr; ++i)
+      for (Index j = 0; j < n; ++j) {
+        sn += static_cast<double>(dh(i, j)) * d(i, j);
+        sd += static_cast<double>(wh(i, j)) * w(r0 + i, j);
+      }
+    return std::pair<double, double>{sn, sd};
+  });
 }
 
 // Windows are pushed through the layers in batches of about 4096 tokens.
@@ -169,35 +176,20 @@ bool all_finite(const Matrix& m) { return m.allFinite(); }
 }  // namespace
 
 // relative_output_error on the inputs themselves: ||X Dᵀ||² / ||X Wᵀ||² over the batches (the
-// Hessian's 2/n cancels), float32 products in parallel blocks of 64 output rows, sums in double
-// added in order. The same quantity as from H, at 2·tokens·rows·n flops instead of 2·rows·n².
+// Hessian's 2/n cancels), float32 products in parallel row blocks, sums in double. The same quantity as from H, at 2·tokens·rows·n flops instead of 2·rows·n².
 double relative_output_error_on_inputs(const Matrix& w, const Matrix& wq, const std::vector<Matrix>& xs) {
-  const Index rows = w.rows();
-  constexpr Index kRows = 64;
-  const Index blocks = (rows + kRows - 1) / kRows;
-  std::vector<double> num(static_cast<std::size_t>(blocks)), den(static_cast<std::size_t>(blocks));
-  tbb::parallel_for(tbb::blocked_range<Index>(0, blocks, 1), [&](const tbb::blocked_range<Index>& r) {
-    Matrix d, y;
-    for (Index b = r.begin(); b < r.end(); ++b) {
-      const Index r0 = b * kRows, nr = std::min(kRows, rows - r0);
-      d = wq.middleRows(r0, nr) - w.middleRows(r0, nr);
-      double sn = 0, sd = 0;
-      for (const Matrix& x : xs) {
-        y.noalias() = x * d.transpose();
-        sn += y.cast<double>().squaredNorm();
-        y.noalias() = x * w.middleRows(r0, nr).transpose();
-        sd += y.cast<double>().squaredNorm();
-      }
-      num[static_cast<std::size_t>(b)] = sn;
-      den[static_cast<std::size_t>(b)] = sd;
+  return ratio_over_row_blocks(w.rows(), [&](Index r0, Index nr) {
+    const Matrix d = wq.middleRows(r0, nr) - w.middleRows(r0, nr);
+    Matrix y;
+    double sn = 0, sd = 0;
+    for (const Matrix& x : xs) {
+      y.noalias() = x * d.transpose();
+      sn += y.cast<double>().squaredNorm();
+      y.noalias() = x * w.middleRows(r0, nr).transpose();
+      sd += y.cast<double>().squaredNorm();
     }
-  }, tbb::simple_partitioner());
-  double sn = 0, sd = 0;
-  for (Index b = 0; b < blocks; ++b) {
-    sn += num[static_cast<std::size_t>(b)];
-    sd += den[static_cast<std::size_t>(b)];
-  }
-  return sd > 0 ? std::sqrt(sn / sd) : 0.0;
+    return std::pair<double, double>{sn, sd};
+  });
 }
 
 // ||X Dᵀ||_F / ||X Wᵀ||_F from H ∝ XᵀX: sqrt(tr(D H Dᵀ) / tr(W H Wᵀ)).
