@@ -152,13 +152,24 @@ std::shared_ptr<Quantizer> make_quantizer(const PluginRegistry& registry, const 
   return registry.make_quantizer(name, Params::resolve(*schema, given));
 }
 
-TEST(Streaming, LayerwiseQuantizationEqualsInMemory) {
+// A GPTQ quantizer at `bits` (group 32) and 4 calibration windows of 64 tokens of stories260K.
+struct GptqSetup {
   PluginRegistry registry;
-  registry.add_search_path(PluginRegistry::default_plugin_dir());
-  const auto gptq = make_quantizer(registry, "gptq", {{"bits", std::int64_t{2}}, {"group_size", std::int64_t{32}}});
-  const Tokenizer tok(test::model_dir("stories260K") / "tokenizer.model");
-  const auto calib = perplexity_stream(tok, read_utf8_text_file(test::data_file("tinystories/calib.txt")), 1);
-  const auto windows = draw_calibration_windows(calib, 4, 64, 5);
+  std::shared_ptr<Quantizer> gptq;
+  std::vector<std::vector<int>> windows;
+  explicit GptqSetup(int bits) {
+    registry.add_search_path(PluginRegistry::default_plugin_dir());
+    gptq = make_quantizer(registry, "gptq", {{"bits", std::int64_t{bits}}, {"group_size", std::int64_t{32}}});
+    const Tokenizer tok(test::model_dir("stories260K") / "tokenizer.model");
+    const auto calib = perplexity_stream(tok, read_utf8_text_file(test::data_file("tinystories/calib.txt")), 1);
+    windows = draw_calibration_windows(calib, 4, 64, 5);
+  }
+};
+
+TEST(Streaming, LayerwiseQuantizationEqualsInMemory) {
+  const GptqSetup setup(2);
+  const auto& gptq = setup.gptq;
+  const auto& windows = setup.windows;
   for (const fs::path dir : {test::model_dir("stories260K"), test::model_dir("stories260K-bf16")}) {
     LlamaModel opened = open_model(dir);
     LlamaModel loaded = load_model(dir);
@@ -219,12 +230,9 @@ TEST(ActivationBatches, F32IsExactAndHalfPrecisionHoldsTheNearestValue) {
 // BF16 streams round only what is held between layers: layer-wise GPTQ on stories260K ends close
 // to the float32 run (same decisions mostly, errors within a few percent), not identical.
 TEST(Streaming, Bf16CalibrationStreamsStayCloseToFloat32) {
-  PluginRegistry registry;
-  registry.add_search_path(PluginRegistry::default_plugin_dir());
-  const auto gptq = make_quantizer(registry, "gptq", {{"bits", std::int64_t{4}}, {"group_size", std::int64_t{32}}});
-  const Tokenizer tok(test::model_dir("stories260K") / "tokenizer.model");
-  const auto calib = perplexity_stream(tok, read_utf8_text_file(test::data_file("tinystories/calib.txt")), 1);
-  const auto windows = draw_calibration_windows(calib, 4, 64, 5);
+  const GptqSetup setup(4);
+  const auto& gptq = setup.gptq;
+  const auto& windows = setup.windows;
   const auto fp = load_model(test::model_dir("stories260K"));
   std::map<StreamDType, double> ppl;
   std::map<StreamDType, std::vector<LinearRecord>> records;

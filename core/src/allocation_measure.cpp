@@ -107,22 +107,22 @@ AllocationTable measure_allocation_table(const LlamaModel& model, const std::vec
   for (int l = 0; l < c.num_layers; ++l) {
     const DecoderLayer original = model.layer_copy(l);  // widened while this layer is measured
     CaptureObserver cap;
+    // The capture pass's outputs of the first batches (up to kMseTokens tokens) are block_mse's
+    // target: the FP layer on the FP inputs.
+    std::vector<Matrix> fp_out;
+    std::int64_t fp_out_rows = 0;
     for (std::size_t b = 0; b < streams.quant.size(); ++b) {
       Matrix h = streams.quant.get(b);
       decoder_layer_forward(c, original, rope, streams.shapes[b], h, l, &cap);
+      if (fp_out_rows < kMseTokens) {
+        fp_out_rows += h.rows();
+        fp_out.push_back(std::move(h));
+      }
     }
     std::array<Eigen::MatrixXd, 4> hess;
     for (int i = 0; i < 4; ++i) hess[i] = cap.xtx[i] * (2.0 / static_cast<double>(cap.tokens));
     auto hessian_of = [&hess](Linear which) -> const Eigen::MatrixXd& { return hess[static_cast<int>(input_of(which))]; };
     if (need_fp) streams.fp = streams.quant;
-    // The FP layer's outputs on the first batches (up to kMseTokens tokens): block_mse's target.
-    std::vector<Matrix> fp_out;
-    for (std::int64_t rows = 0, b = 0; b < static_cast<std::int64_t>(streams.quant.size()) && rows < kMseTokens; ++b) {
-      Matrix y = streams.quant.get(static_cast<std::size_t>(b));
-      decoder_layer_forward(c, original, rope, streams.shapes[static_cast<std::size_t>(b)], y);
-      rows += y.rows();
-      fp_out.push_back(std::move(y));
-    }
     // Every candidate sees the same FP Hessians: one inverse factor per input and dampening for all.
     InverseFactorCache factors;
 

@@ -164,7 +164,6 @@ class HessianObserver : public ForwardObserver {
   }
 };
 
-
 std::vector<int> flatten(const std::vector<std::vector<int>>& windows, std::size_t first, std::size_t n) {
   std::vector<int> out;
   for (std::size_t i = first; i < first + n; ++i) out.insert(out.end(), windows[i].begin(), windows[i].end());
@@ -176,7 +175,8 @@ bool all_finite(const Matrix& m) { return m.allFinite(); }
 }  // namespace
 
 // relative_output_error on the inputs themselves: ||X Dᵀ||² / ||X Wᵀ||² over the batches (the
-// Hessian's 2/n cancels), float32 products in parallel row blocks, sums in double. The same quantity as from H, at 2·tokens·rows·n flops instead of 2·rows·n².
+// Hessian's 2/n cancels), float32 products in parallel row blocks, sums in double. The same
+// quantity as from H, at 2·tokens·rows·n flops instead of 2·rows·n².
 double relative_output_error_on_inputs(const Matrix& w, const Matrix& wq, const std::vector<Matrix>& xs) {
   return ratio_over_row_blocks(w.rows(), [&](Index r0, Index nr) {
     const Matrix d = wq.middleRows(r0, nr) - w.middleRows(r0, nr);
@@ -275,6 +275,10 @@ std::vector<LinearRecord> quantize_layerwise_resumable(LlamaModel& model, const 
     return (*options.input_stats)[l][static_cast<int>(input_of(which))];
   };
 
+  // Fewer calibration tokens than inputs (e.g. 4 x 512 at 7B): the records use X, not H. Never at
+  // the shipped models' sizes (256 inputs at most), whose records stay the double-H ones.
+  const Index keep_inputs_above = std::max<Index>(256, static_cast<Index>(windows.size() * windows[0].size()));
+
   std::vector<LinearRecord> records = resume.records;
   for (int l = resume.start_layer; l < c.num_layers; ++l) {
     if (options.on_layer) options.on_layer(l, c.num_layers);
@@ -288,11 +292,7 @@ std::vector<LinearRecord> quantize_layerwise_resumable(LlamaModel& model, const 
 
     // 1. Hessians of the inputs the FP layer sees on the quantized stream.
     HessianObserver hess;
-    // Fewer calibration tokens than inputs (e.g. 4 x 512 at 7B): the records use X, not H. Never
-    // at the shipped models' sizes (256 inputs at most), whose records stay the double-H ones.
-    std::int64_t calib_tokens = 0;
-    for (const auto& shape : streams.shapes) calib_tokens += static_cast<std::int64_t>(shape.batch) * shape.seq_len;
-    hess.keep_below = std::max<Index>(256, static_cast<Index>(calib_tokens));
+    hess.keep_below = keep_inputs_above;
     for (std::size_t b = 0; b < streams.quant.size(); ++b) {
       Matrix h = streams.quant.get(b);
       decoder_layer_forward(c, layer, rope, streams.shapes[b], h, l, &hess);

@@ -298,9 +298,8 @@ MemoryEstimate::Arm arm_memory(const ArmSpec& arm, const ArmComponents& comp, co
     if (w > std::max(256.0, tokens)) kept_x += tokens * w * f;
   double phases;
   if (per_layer) {
-    double cached = 0;
-    for (double w : widths) cached += w * w * d;
-    phases = hess_all + layer_tmp + (factors ? cached + factor_peak : 0.0);
+    // every input's factor stays cached (a float64 n x n each: as much as the Hessians)
+    phases = hess_all + layer_tmp + (factors ? hess_all + factor_peak : 0.0);
   } else {
     phases = std::max(hess_all + layer_tmp,
                       widest * widest * d + (factors ? factor_peak + largest_linear : 0.0));

@@ -27,18 +27,29 @@ tokenizer="$root/../shared/models/stories260K/tokenizer.model"
 mkdir -p "$work"
 [ "${BENCH_KEEP:-0}" = 1 ] || trap 'rm -rf "$work"/llama2-*' EXIT
 
-# measure LABEL CMD...: runs CMD, samples RssAnon of its process every 0.2 s, prints one line.
-measure() {
-  local label="$1"; shift
-  local log="$work/$label.log" peak=0 start end rss
-  start=$(date +%s.%N)
-  "$@" >"$log" 2>&1 &
-  local pid=$!
+# sample_peak PID [DIR N]: samples RssAnon of PID every 0.2 s until it exits, into $peak (kB);
+# with DIR and N it SIGKILLs PID once DIR holds N layer files.
+sample_peak() {
+  local pid="$1" dir="${2:-}" n="${3:-0}" rss
+  peak=0
   while kill -0 "$pid" 2>/dev/null; do
     rss=$(awk '/^RssAnon:/ {print $2}' "/proc/$pid/status" 2>/dev/null || echo 0)
     [ -n "$rss" ] && [ "$rss" -gt "$peak" ] && peak=$rss
+    if [ -n "$dir" ] && [ "$(ls "$dir" 2>/dev/null | grep -c '^layer-.*safetensors$')" -ge "$n" ]; then
+      kill -KILL "$pid"; break
+    fi
     sleep 0.2
   done
+}
+
+# measure LABEL CMD...: runs CMD, samples RssAnon of its process every 0.2 s, prints one line.
+measure() {
+  local label="$1"; shift
+  local log="$work/$label.log" start end
+  start=$(date +%s.%N)
+  "$@" >"$log" 2>&1 &
+  local pid=$!
+  sample_peak "$pid"
   local rc=0
   wait "$pid" || rc=$?
   end=$(date +%s.%N)
@@ -52,17 +63,10 @@ measure() {
 # measure_until_layer LABEL DIR N CMD...: as measure, but SIGKILLs CMD once DIR holds N layer files.
 measure_until_layer() {
   local label="$1" dir="$2" n="$3"; shift 3
-  local log="$work/$label.log" peak=0 rss
+  local log="$work/$label.log"
   "$@" >"$log" 2>&1 &
   local pid=$!
-  while kill -0 "$pid" 2>/dev/null; do
-    rss=$(awk '/^RssAnon:/ {print $2}' "/proc/$pid/status" 2>/dev/null || echo 0)
-    [ -n "$rss" ] && [ "$rss" -gt "$peak" ] && peak=$rss
-    if [ "$(ls "$dir" 2>/dev/null | grep -c '^layer-.*safetensors$')" -ge "$n" ]; then
-      kill -KILL "$pid"; break
-    fi
-    sleep 0.2
-  done
+  sample_peak "$pid" "$dir" "$n"
   wait "$pid" 2>/dev/null || true
   awk -v l="$label" -v p="$peak" -v n="$n" \
     'BEGIN { printf "%-34s SIGKILLed with %d layer files  peak RssAnon %7.3f GB\n", l, n, p * 1024 / 1e9 }'

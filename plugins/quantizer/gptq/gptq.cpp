@@ -63,7 +63,7 @@ class Gptq : public ptqlab::Quantizer {
       // Dead columns are found on the permuted Hessian; zero the matching original columns.
       ptqlab::Matrix permuted(w.rows(), w.cols());
       for (Index k = 0; k < w.cols(); ++k) permuted.col(k) = w.col(order[k]);
-      const auto factor = ptqlab::prepare_inverse_hessian(std::move(H), permuted, percdamp_, what);
+      const auto factor = ptqlab::prepare_inverse_hessian(H, permuted, percdamp_, what);
       for (Index k = 0; k < w.cols(); ++k) w.col(order[k]) = permuted.col(k);
       record(ctx, factor);
       run(w, factor.U, order);
