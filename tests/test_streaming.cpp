@@ -189,6 +189,74 @@ TEST(Streaming, LayerwiseQuantizationEqualsInMemory) {
   }
 }
 
+// A per-linear quantizer that rounds to a 1/64 grid, declaring (or not) that it reads the Hessian,
+// and reading it (or not).
+class ProbeQuantizer : public Quantizer {
+ public:
+  ProbeQuantizer(bool declares, bool reads) : declares_(declares), reads_(reads) {}
+  bool needs_hessian() const override { return declares_; }
+  BitCount quantize_linear(const LinearContext& ctx, Matrix& w) override {
+    if (reads_) {
+      EXPECT_GT(ctx.hessian().rows(), 0);
+    }
+    w = (w.array() * 64.0f).round() / 64.0f;
+    BitCount b;
+    b.weights = w.size();
+    b.payload = b.paper = 8.0 * static_cast<double>(w.size());
+    return b;
+  }
+
+ private:
+  bool declares_, reads_;
+};
+
+// Inputs wider than the calibration token count take their records on X; for them a quantizer and
+// mask that read no Hessian get none (1.37 GB of float64 per layer at 7B). The records and weights
+// are those of the run that computed every Hessian, and a component that reads a Hessian it did not
+// declare is caught. At the shipped sizes (inputs <= 256) every Hessian is still computed.
+TEST(Streaming, HessianFreeQuantizersGetNoHessianWhereRecordsUseInputs) {
+  LlamaConfig c;
+  c.hidden_size = 320;
+  c.intermediate_size = 384;
+  c.num_layers = 2;
+  c.num_heads = 4;
+  c.num_kv_heads = 4;
+  c.head_dim = 80;
+  c.vocab_size = 64;
+  c.max_position_embeddings = 64;
+  c.rms_norm_eps = 1e-5;
+  std::mt19937 rng(5);
+  std::uniform_int_distribution<int> token(0, c.vocab_size - 1);
+  std::vector<std::vector<int>> windows(2, std::vector<int>(64));  // 128 tokens < 320 inputs
+  for (auto& w : windows)
+    for (auto& t : w) t = token(rng);
+  auto run = [&](bool declares, bool reads) {
+    LlamaModel m = random_llama(c, 3);
+    ProbeQuantizer q(declares, reads);
+    LayerwiseOptions lo;
+    lo.quantizer = &q;
+    auto records = quantize_layerwise(m, windows, lo);
+    return std::pair{std::move(records), std::move(m)};
+  };
+  const auto [skipped, ms] = run(false, false);
+  const auto [computed, mc] = run(true, true);
+  ASSERT_EQ(skipped.size(), computed.size());
+  for (std::size_t i = 0; i < skipped.size(); ++i) {
+    EXPECT_EQ(skipped[i].weight_error, computed[i].weight_error) << i;
+    EXPECT_EQ(skipped[i].output_error, computed[i].output_error) << i;
+    EXPECT_GT(skipped[i].output_error, 0.0) << i;
+  }
+  for (int l = 0; l < c.num_layers; ++l) EXPECT_EQ(ms.layers[l].down_proj, mc.layers[l].down_proj);
+  EXPECT_THROW(run(false, true), std::logic_error);
+
+  // stories260K: 64 x 2 tokens, inputs of 64 and 172 (<= 256): the records use H, so it exists.
+  LlamaModel tiny = load_model(test::model_dir("stories260K"));
+  ProbeQuantizer undeclared(false, true);
+  LayerwiseOptions lo;
+  lo.quantizer = &undeclared;
+  EXPECT_NO_THROW(quantize_layerwise(tiny, windows, lo));
+}
+
 // Calibration streams (docs/architecture.md, "Calibration streams"): float32 is held exactly;
 // BF16/F16 hold exactly what the writers' nearest-even narrowing gives, and are read back widened.
 TEST(ActivationBatches, F32IsExactAndHalfPrecisionHoldsTheNearestValue) {

@@ -271,13 +271,19 @@ MemoryEstimate::Arm arm_memory(const ArmSpec& arm, const ArmComponents& comp, co
                         static_cast<double>(stream_dtype_bytes(exp.calibration.stream_dtype));
   const double widths[4] = {static_cast<double>(c.hidden_size), static_cast<double>(c.q_dim()),
                             static_cast<double>(c.hidden_size), static_cast<double>(c.intermediate_size)};
-  double hess_all = 0, widest = 0;
-  for (double w : widths) {
-    hess_all += w * w * d;
-    widest = std::max(widest, w);
-  }
   const bool per_layer = comp.quantizer && comp.quantizer->granularity() == Quantizer::Granularity::decoder_layer;
   const bool factors = comp.quantizer && comp.quantizer->needs_hessian();
+  // With fewer calibration tokens than inputs the records use the inputs X (calibration.cpp), and
+  // an input whose components read no Hessian (RTN without a mask) gets none.
+  const double tokens = static_cast<double>(nsamples) * calib_len;
+  const bool hessians_read = per_layer || factors || comp.mask || comp.allocator;
+  double hess_all = 0, widest = 0, widest_hessian = 0;
+  for (double w : widths) {
+    widest = std::max(widest, w);
+    if (!hessians_read && w > std::max(256.0, tokens)) continue;
+    hess_all += w * w * d;
+    widest_hessian = std::max(widest_hessian, w);
+  }
   // The factor of an n-input Hessian at its peak (gptq.cpp, reversed_factor): above 256 inputs the
   // float32 triangular inverse and its float64 copy (4 + 8 bytes per entry), else float64 (8 + 8).
   const double factor_peak = widest * widest * (widest > 256 ? 12.0 : 16.0);
@@ -290,9 +296,7 @@ MemoryEstimate::Arm arm_memory(const ArmSpec& arm, const ArmComponents& comp, co
   // after its last linear, so at most the widest input's are held, with its factor being made and
   // the column loop's copy of the weight. A decoder-layer quantizer keeps all of them, the
   // original layer and every factor until the layer is done.
-  // With fewer calibration tokens than inputs the records use the inputs X (calibration.cpp),
-  // kept for every input wider than the token count through the layer's quantization.
-  const double tokens = static_cast<double>(nsamples) * calib_len;
+  // The inputs X are kept for every input wider than the token count through the layer's quantization.
   double kept_x = 0;
   for (double w : widths)
     if (w > std::max(256.0, tokens)) kept_x += tokens * w * f;
@@ -302,7 +306,7 @@ MemoryEstimate::Arm arm_memory(const ArmSpec& arm, const ArmComponents& comp, co
     phases = hess_all + layer_tmp + (factors ? hess_all + factor_peak : 0.0);
   } else {
     phases = std::max(hess_all + layer_tmp,
-                      widest * widest * d + (factors ? factor_peak + largest_linear : 0.0));
+                      widest_hessian * widest_hessian * d + (factors ? factor_peak + largest_linear : 0.0));
   }
   phases += kept_x;
   std::vector<MemoryItem> quant;
