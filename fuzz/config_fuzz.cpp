@@ -4,8 +4,8 @@
 #include <string>
 
 #include "fuzz_target.hpp"
-#include "ptqlab/error.hpp"
-#include "ptqlab/model_config.hpp"
+#include "ptqlab/model/model_config.hpp"
+#include "ptqlab/support/error.hpp"
 
 PTQLAB_FUZZ_TARGET(config) {
   using namespace ptqlab;

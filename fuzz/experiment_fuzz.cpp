@@ -19,8 +19,9 @@
 #include <yaml-cpp/yaml.h>
 
 #include "fuzz_target.hpp"
-#include "ptqlab/error.hpp"
-#include "ptqlab/experiment.hpp"
+#include "ptqlab/engine/experiment.hpp"
+#include "ptqlab/support/error.hpp"
+#include "ptqlab/support/sha256.hpp"
 
 namespace {
 

@@ -24,8 +24,8 @@
 #include <vector>
 
 #include "fuzz_target.hpp"
-#include "ptqlab/error.hpp"
-#include "ptqlab/results.hpp"
+#include "ptqlab/outputs/results.hpp"
+#include "ptqlab/support/error.hpp"
 
 namespace {
 

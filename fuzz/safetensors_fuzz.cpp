@@ -4,8 +4,8 @@
 #include <span>
 
 #include "fuzz_target.hpp"
-#include "ptqlab/error.hpp"
-#include "ptqlab/safetensors.hpp"
+#include "ptqlab/model/safetensors.hpp"
+#include "ptqlab/support/error.hpp"
 
 PTQLAB_FUZZ_TARGET(safetensors) {
   using namespace ptqlab;

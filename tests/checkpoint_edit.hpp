@@ -15,8 +15,8 @@
 
 #include <nlohmann/json.hpp>
 
-#include "ptqlab/error.hpp"
-#include "ptqlab/model.hpp"
+#include "ptqlab/model/model.hpp"
+#include "ptqlab/support/error.hpp"
 #include "test_support.hpp"
 
 namespace ptqlab::test {

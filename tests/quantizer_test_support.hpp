@@ -8,12 +8,12 @@
 #include <random>
 #include <string>
 
-#include "ptqlab/calibration.hpp"
-#include "ptqlab/forward.hpp"
-#include "ptqlab/perplexity.hpp"
-#include "ptqlab/plugin.hpp"
-#include "ptqlab/text_file.hpp"
-#include "ptqlab/tokenizer.hpp"
+#include "ptqlab/engine/plugin.hpp"
+#include "ptqlab/eval/perplexity.hpp"
+#include "ptqlab/model/tokenizer.hpp"
+#include "ptqlab/nn/forward.hpp"
+#include "ptqlab/quant/calibration.hpp"
+#include "ptqlab/support/text_file.hpp"
 #include "test_support.hpp"
 
 namespace ptqlab::test {

@@ -1,11 +1,11 @@
 #pragma once
 // A brute-force scalar LLaMA forward pass in double precision, written independently of
-// core/src/forward.cpp (plain loops, angles computed per element, explicit softmax), used as the
+// core/src/nn/forward.cpp (plain loops, angles computed per element, explicit softmax), used as the
 // oracle for the optimised float32 kernels.
 #include <cmath>
 #include <vector>
 
-#include "ptqlab/model.hpp"
+#include "ptqlab/model/model.hpp"
 
 namespace ptqlab::reference {
 

@@ -6,7 +6,7 @@
 #include <map>
 #include <string>
 
-#include "ptqlab/results.hpp"
+#include "ptqlab/outputs/results.hpp"
 
 namespace ptqlab::test {
 

@@ -7,14 +7,14 @@
 #include <cmath>
 #include <fstream>
 
-#include "ptqlab/allocation_stage.hpp"
-#include "ptqlab/error.hpp"
-#include "ptqlab/experiment.hpp"
-#include "ptqlab/plot.hpp"
-#include "ptqlab/plugin.hpp"
-#include "ptqlab/report.hpp"
-#include "ptqlab/results.hpp"
-#include "ptqlab/runner.hpp"
+#include "ptqlab/engine/allocation_stage.hpp"
+#include "ptqlab/engine/experiment.hpp"
+#include "ptqlab/engine/plugin.hpp"
+#include "ptqlab/engine/runner.hpp"
+#include "ptqlab/outputs/plot.hpp"
+#include "ptqlab/outputs/report.hpp"
+#include "ptqlab/outputs/results.hpp"
+#include "ptqlab/support/error.hpp"
 #include "test_support.hpp"
 
 namespace ptqlab {

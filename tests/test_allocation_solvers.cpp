@@ -6,9 +6,9 @@
 
 #include <random>
 
-#include "ptqlab/allocation.hpp"
-#include "ptqlab/error.hpp"
-#include "ptqlab/plugin.hpp"
+#include "ptqlab/engine/plugin.hpp"
+#include "ptqlab/quant/allocation.hpp"
+#include "ptqlab/support/error.hpp"
 
 namespace ptqlab {
 namespace {

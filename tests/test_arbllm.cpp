@@ -11,11 +11,11 @@
 #include <tbb/global_control.h>
 
 #include "../plugins/quantizer/arbllm/arbllm_algo.hpp"
-#include "ptqlab/binarize.hpp"
-#include "ptqlab/error.hpp"
-#include "ptqlab/gptq.hpp"
-#include "ptqlab/model.hpp"
-#include "ptqlab/plugin.hpp"
+#include "ptqlab/engine/plugin.hpp"
+#include "ptqlab/model/model.hpp"
+#include "ptqlab/quant/binarize.hpp"
+#include "ptqlab/quant/gptq.hpp"
+#include "ptqlab/support/error.hpp"
 #include "quantizer_test_support.hpp"
 #include "test_support.hpp"
 

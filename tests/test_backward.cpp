@@ -1,4 +1,4 @@
-// The hand-written backward pass (core/src/backward.cpp) against central finite differences.
+// The hand-written backward pass (core/src/nn/backward.cpp) against central finite differences.
 //
 // How: the analytic gradients come from the float32 kernels; the finite differences are taken on
 // the brute-force double-precision reference (reference_forward.hpp, or a double loop written
@@ -24,12 +24,12 @@
 
 #include <tbb/global_control.h>
 
-#include "ptqlab/backward.hpp"
-#include "ptqlab/error.hpp"
-#include "ptqlab/forward.hpp"
-#include "ptqlab/perplexity.hpp"
-#include "ptqlab/text_file.hpp"
-#include "ptqlab/tokenizer.hpp"
+#include "ptqlab/eval/perplexity.hpp"
+#include "ptqlab/model/tokenizer.hpp"
+#include "ptqlab/nn/backward.hpp"
+#include "ptqlab/nn/forward.hpp"
+#include "ptqlab/support/error.hpp"
+#include "ptqlab/support/text_file.hpp"
 #include "grad_check.hpp"
 #include "reference_forward.hpp"
 #include "test_support.hpp"

@@ -18,7 +18,7 @@
 #include <vector>
 
 #include "checkpoint_edit.hpp"
-#include "ptqlab/utf8.hpp"
+#include "ptqlab/support/utf8.hpp"
 #include "test_support.hpp"
 
 namespace ptqlab {

@@ -11,13 +11,13 @@
 #include <Eigen/LU>
 #include <tbb/global_control.h>
 
-#include "../plugins/quantizer/billm/billm_algo.hpp"
-#include "ptqlab/binarize.hpp"
-#include "ptqlab/error.hpp"
-#include "ptqlab/experiment.hpp"
-#include "ptqlab/gptq.hpp"
-#include "ptqlab/plugin.hpp"
-#include "ptqlab/runner.hpp"
+#include "ptqlab/engine/experiment.hpp"
+#include "ptqlab/engine/plugin.hpp"
+#include "ptqlab/engine/runner.hpp"
+#include "ptqlab/quant/billm_algo.hpp"
+#include "ptqlab/quant/binarize.hpp"
+#include "ptqlab/quant/gptq.hpp"
+#include "ptqlab/support/error.hpp"
 #include "quantizer_test_support.hpp"
 #include "test_support.hpp"
 

@@ -9,13 +9,13 @@
 
 #include <fmt/format.h>
 
-#include "ptqlab/error.hpp"
-#include "ptqlab/experiment.hpp"
-#include "ptqlab/model_config.hpp"
-#include "ptqlab/plugin.hpp"
-#include "ptqlab/report.hpp"
-#include "ptqlab/results.hpp"
-#include "ptqlab/runner.hpp"
+#include "ptqlab/engine/experiment.hpp"
+#include "ptqlab/engine/plugin.hpp"
+#include "ptqlab/engine/runner.hpp"
+#include "ptqlab/model/model_config.hpp"
+#include "ptqlab/outputs/report.hpp"
+#include "ptqlab/outputs/results.hpp"
+#include "ptqlab/support/error.hpp"
 #include "test_support.hpp"
 
 namespace ptqlab {

@@ -12,9 +12,9 @@
 #include <Eigen/Eigenvalues>
 #include <tbb/global_control.h>
 
-#include "ptqlab/calibration.hpp"
-#include "ptqlab/cholesky.hpp"
-#include "ptqlab/gptq.hpp"
+#include "ptqlab/quant/calibration.hpp"
+#include "ptqlab/quant/cholesky.hpp"
+#include "ptqlab/quant/gptq.hpp"
 #include "quantizer_test_support.hpp"
 #include "test_support.hpp"
 

@@ -8,11 +8,11 @@
 
 #include <nlohmann/json.hpp>
 
-#include "ptqlab/error.hpp"
-#include "ptqlab/experiment.hpp"
-#include "ptqlab/plugin.hpp"
-#include "ptqlab/report.hpp"
-#include "ptqlab/runner.hpp"
+#include "ptqlab/engine/experiment.hpp"
+#include "ptqlab/engine/plugin.hpp"
+#include "ptqlab/engine/runner.hpp"
+#include "ptqlab/outputs/report.hpp"
+#include "ptqlab/support/error.hpp"
 #include "test_support.hpp"
 
 namespace ptqlab {

@@ -10,8 +10,9 @@
 
 #include <fmt/format.h>
 
-#include "ptqlab/error.hpp"
-#include "ptqlab/experiment.hpp"
+#include "ptqlab/engine/experiment.hpp"
+#include "ptqlab/support/error.hpp"
+#include "ptqlab/support/sha256.hpp"
 #include "test_support.hpp"
 
 namespace ptqlab {

@@ -2,9 +2,9 @@
 // doc/stories260K.md.
 #include <gtest/gtest.h>
 
-#include "ptqlab/generate.hpp"
-#include "ptqlab/model.hpp"
-#include "ptqlab/tokenizer.hpp"
+#include "ptqlab/model/model.hpp"
+#include "ptqlab/model/tokenizer.hpp"
+#include "ptqlab/nn/generate.hpp"
 #include "test_support.hpp"
 
 namespace ptqlab {

@@ -5,10 +5,10 @@
 
 #include <cmath>
 
-#include "ptqlab/kl_divergence.hpp"
-#include "ptqlab/perplexity.hpp"
-#include "ptqlab/text_file.hpp"
-#include "ptqlab/tokenizer.hpp"
+#include "ptqlab/eval/kl_divergence.hpp"
+#include "ptqlab/eval/perplexity.hpp"
+#include "ptqlab/model/tokenizer.hpp"
+#include "ptqlab/support/text_file.hpp"
 #include "test_support.hpp"
 
 namespace ptqlab {

@@ -14,8 +14,8 @@
 #include <set>
 
 #include "checkpoint_edit.hpp"
-#include "ptqlab/model.hpp"
-#include "ptqlab/safetensors.hpp"
+#include "ptqlab/model/model.hpp"
+#include "ptqlab/model/safetensors.hpp"
 #include "test_support.hpp"
 
 namespace ptqlab {

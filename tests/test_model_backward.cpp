@@ -1,4 +1,4 @@
-// The full-model causal-LM backward (core/src/model_backward.cpp) and LoRA (core/src/lora.cpp)
+// The full-model causal-LM backward (core/src/nn/model_backward.cpp) and LoRA (plugins/preprocessor/restorative-lora/lora.cpp)
 // against central finite differences of the double-precision reference forward
 // (reference_forward.hpp), as in test_backward.cpp.
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
@@ -13,12 +13,12 @@
 #include <fmt/format.h>
 
 #include "grad_check.hpp"
-#include "ptqlab/forward.hpp"
-#include "ptqlab/lora.hpp"
-#include "ptqlab/model_backward.hpp"
-#include "ptqlab/perplexity.hpp"
-#include "ptqlab/text_file.hpp"
-#include "ptqlab/tokenizer.hpp"
+#include "ptqlab/nn/forward.hpp"
+#include "lora.hpp"
+#include "ptqlab/eval/perplexity.hpp"
+#include "ptqlab/model/tokenizer.hpp"
+#include "ptqlab/nn/model_backward.hpp"
+#include "ptqlab/support/text_file.hpp"
 #include "reference_forward.hpp"
 #include "test_support.hpp"
 

@@ -16,15 +16,15 @@
 #include <Eigen/LU>
 #include <tbb/global_control.h>
 
-#include "ptqlab/calibration.hpp"
-#include "ptqlab/error.hpp"
-#include "ptqlab/experiment.hpp"
-#include "ptqlab/gptq.hpp"
-#include "ptqlab/perplexity.hpp"
-#include "ptqlab/plugin.hpp"
-#include "ptqlab/runner.hpp"
-#include "ptqlab/text_file.hpp"
-#include "ptqlab/tokenizer.hpp"
+#include "ptqlab/engine/experiment.hpp"
+#include "ptqlab/engine/plugin.hpp"
+#include "ptqlab/engine/runner.hpp"
+#include "ptqlab/eval/perplexity.hpp"
+#include "ptqlab/model/tokenizer.hpp"
+#include "ptqlab/quant/calibration.hpp"
+#include "ptqlab/quant/gptq.hpp"
+#include "ptqlab/support/error.hpp"
+#include "ptqlab/support/text_file.hpp"
 #include "quantizer_test_support.hpp"
 #include "test_support.hpp"
 

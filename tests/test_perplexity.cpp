@@ -6,11 +6,11 @@
 #include <nlohmann/json.hpp>
 #include <tbb/global_control.h>
 
-#include "ptqlab/error.hpp"
-#include "ptqlab/forward.hpp"
-#include "ptqlab/perplexity.hpp"
-#include "ptqlab/text_file.hpp"
-#include "ptqlab/tokenizer.hpp"
+#include "ptqlab/eval/perplexity.hpp"
+#include "ptqlab/model/tokenizer.hpp"
+#include "ptqlab/nn/forward.hpp"
+#include "ptqlab/support/error.hpp"
+#include "ptqlab/support/text_file.hpp"
 #include "test_support.hpp"
 
 namespace ptqlab {

@@ -9,8 +9,8 @@
 #include <random>
 #include <set>
 
-#include "ptqlab/error.hpp"
-#include "ptqlab/plot.hpp"
+#include "ptqlab/outputs/plot.hpp"
+#include "ptqlab/support/error.hpp"
 #include "report_fixture.hpp"
 #include "test_support.hpp"
 

@@ -1,14 +1,21 @@
 // Plugin loading: built-in plugins, a plugin built separately, ABI and build-id mismatches,
-// non-plugins, duplicate names, library lifetime, and the exact arithmetic of rtn and sign.
+// non-plugins, duplicate names, library lifetime, the exact arithmetic of rtn and sign, and the
+// plugin SDK (what a plugin may include).
 #include <dlfcn.h>
 #include <gtest/gtest.h>
 
+#include <algorithm>
+#include <cctype>
+#include <filesystem>
 #include <fstream>
+#include <sstream>
 
+#include <fmt/format.h>
 #include <nlohmann/json.hpp>
 
-#include "ptqlab/error.hpp"
-#include "ptqlab/plugin.hpp"
+#include "ptqlab/engine/plugin.hpp"
+#include "ptqlab/support/error.hpp"
+#include "ptqlab/support/sha256.hpp"
 #include "test_support.hpp"
 
 namespace ptqlab {
@@ -260,6 +267,101 @@ TEST(PluginsCli, ConfigReferenceDocIsUpToDate) {
   const std::string on_disk = test::read_file(std::filesystem::path(PTQLAB_SOURCE_DIR) / "docs" / "config-reference.md");
   EXPECT_EQ(on_disk, generated.output)
       << "docs/config-reference.md is stale: regenerate it with build/bin/ptqlab plugins --markdown > docs/config-reference.md";
+}
+
+}  // namespace
+}  // namespace ptqlab
+
+// The plugin SDK (docs/plugins.md, "Plugin SDK").
+namespace ptqlab {
+namespace {
+
+namespace fs = std::filesystem;
+
+const fs::path kIncludeRoot = fs::path(PTQLAB_SOURCE_DIR) / "core" / "include";
+const std::string kInternalMarker = "#include \"ptqlab/support/internal.hpp\"";
+
+// The core headers without the internal marker, as "ptqlab/<layer>/<name>.hpp", sorted.
+std::vector<std::string> sdk_headers() {
+  std::vector<std::string> out;
+  for (const auto& e : fs::recursive_directory_iterator(kIncludeRoot / "ptqlab")) {
+    if (!e.is_regular_file() || e.path().extension() != ".hpp") continue;
+    const std::string rel = fs::relative(e.path(), kIncludeRoot).generic_string();
+    if (rel == "ptqlab/support/internal.hpp") continue;
+    if (test::read_file(e.path()).find(kInternalMarker) == std::string::npos) out.push_back(rel);
+  }
+  std::sort(out.begin(), out.end());
+  return out;
+}
+
+std::vector<std::string> ptqlab_includes(const std::string& text) {
+  std::vector<std::string> out;
+  const std::string key = "#include \"ptqlab/";
+  for (std::size_t at = text.find(key); at != std::string::npos; at = text.find(key, at + 1)) {
+    const auto begin = at + 10, end = text.find('"', begin);
+    out.push_back(text.substr(begin, end - begin));
+  }
+  return out;
+}
+
+TEST(PluginSdk, DocsListExactlyTheSdk) {
+  const std::string doc = test::read_file(fs::path(PTQLAB_SOURCE_DIR) / "docs" / "plugins.md");
+  const auto begin = doc.find("## Plugin SDK");
+  ASSERT_NE(begin, std::string::npos);
+  const auto end = doc.find("\nEvery other core header", begin);
+  ASSERT_NE(end, std::string::npos);
+  std::vector<std::string> listed;
+  const std::string section = doc.substr(begin, end - begin);
+  for (std::size_t at = section.find("`ptqlab/"); at != std::string::npos; at = section.find("`ptqlab/", at + 1)) {
+    const auto close = section.find('`', at + 1);
+    listed.push_back(section.substr(at + 1, close - at - 1));
+  }
+  std::sort(listed.begin(), listed.end());
+  EXPECT_EQ(listed, sdk_headers());
+  EXPECT_GE(listed.size(), 20u);
+}
+
+TEST(PluginSdk, SdkIsClosedUnderIncludes) {
+  const auto sdk = sdk_headers();
+  for (const auto& h : sdk)
+    for (const auto& inc : ptqlab_includes(test::read_file(kIncludeRoot / h)))
+      EXPECT_TRUE(std::binary_search(sdk.begin(), sdk.end(), inc)) << h << " includes " << inc << ", not in the SDK";
+  // and the built-in plugins use nothing else (they are compiled with the check too)
+  for (const auto& e : fs::recursive_directory_iterator(fs::path(PTQLAB_SOURCE_DIR) / "plugins")) {
+    const auto ext = e.path().extension();
+    if (!e.is_regular_file() || (ext != ".cpp" && ext != ".hpp")) continue;
+    for (const auto& inc : ptqlab_includes(test::read_file(e.path())))
+      EXPECT_TRUE(std::binary_search(sdk.begin(), sdk.end(), inc)) << e.path() << " includes " << inc;
+  }
+}
+
+// sha256 of the SDK headers' code: each file's path and its lines without // comments, trailing
+// blanks or empty lines, so that comment edits need no ABI bump.
+std::string sdk_code_hash() {
+  std::string all;
+  for (const auto& h : sdk_headers()) {
+    all += "== " + h + "\n";
+    std::istringstream in(test::read_file(kIncludeRoot / h));
+    for (std::string line; std::getline(in, line);) {
+      const auto comment = line.find("//");
+      if (comment != std::string::npos) line.erase(comment);
+      while (!line.empty() && std::isspace(static_cast<unsigned char>(line.back()))) line.pop_back();
+      if (!line.empty()) all += line + "\n";
+    }
+  }
+  return sha256_hex(all);
+}
+
+TEST(PluginSdk, AbiVersionCoversTheSdk) {
+  const std::string want = fmt::format("abi {} sdk {}", PTQLAB_PLUGIN_ABI_VERSION, sdk_code_hash());
+  std::string recorded = test::read_file(fs::path(PTQLAB_SOURCE_DIR) / "tests" / "data" / "plugin-sdk.txt");
+  while (!recorded.empty() && std::isspace(static_cast<unsigned char>(recorded.back()))) recorded.pop_back();
+  EXPECT_EQ(recorded, want)
+      << "the plugin SDK's code changed: if the change crosses the plugin boundary, raise PTQLAB_PLUGIN_ABI_VERSION "
+         "(ptqlab/engine/plugin.hpp); then write this line to tests/data/plugin-sdk.txt:\n"
+      << want;
+  // An ABI version recorded with another SDK means the SDK changed without a bump.
+  EXPECT_EQ(recorded.substr(0, recorded.find(" sdk ")), fmt::format("abi {}", PTQLAB_PLUGIN_ABI_VERSION));
 }
 
 }  // namespace

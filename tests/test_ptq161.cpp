@@ -7,9 +7,9 @@
 #include <random>
 
 #include "../plugins/quantizer/ptq161/binary_scales.hpp"
-#include "ptqlab/experiment.hpp"
-#include "ptqlab/plugin.hpp"
-#include "ptqlab/runner.hpp"
+#include "ptqlab/engine/experiment.hpp"
+#include "ptqlab/engine/plugin.hpp"
+#include "ptqlab/engine/runner.hpp"
 #include "test_support.hpp"
 
 namespace ptqlab {

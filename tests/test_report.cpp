@@ -4,9 +4,9 @@
 
 #include <fstream>
 
-#include "ptqlab/error.hpp"
-#include "ptqlab/report.hpp"
-#include "ptqlab/results.hpp"
+#include "ptqlab/outputs/report.hpp"
+#include "ptqlab/outputs/results.hpp"
+#include "ptqlab/support/error.hpp"
 #include "report_fixture.hpp"
 #include "test_support.hpp"
 

@@ -6,10 +6,10 @@
 #include <fstream>
 #include <string>
 
-#include "ptqlab/experiment.hpp"
-#include "ptqlab/plugin.hpp"
-#include "ptqlab/results.hpp"
-#include "ptqlab/runner.hpp"
+#include "ptqlab/engine/experiment.hpp"
+#include "ptqlab/engine/plugin.hpp"
+#include "ptqlab/engine/runner.hpp"
+#include "ptqlab/outputs/results.hpp"
 #include "test_support.hpp"
 
 namespace ptqlab {

@@ -24,8 +24,8 @@
 
 #include <fmt/format.h>
 
-#include "ptqlab/error.hpp"
-#include "ptqlab/results.hpp"
+#include "ptqlab/outputs/results.hpp"
+#include "ptqlab/support/error.hpp"
 #include "test_support.hpp"
 
 namespace ptqlab {

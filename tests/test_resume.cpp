@@ -8,14 +8,14 @@
 
 #include <nlohmann/json.hpp>
 
-#include "ptqlab/error.hpp"
-#include "ptqlab/export.hpp"
-#include "ptqlab/model.hpp"
-#include "ptqlab/perplexity.hpp"
-#include "ptqlab/results.hpp"
-#include "ptqlab/text_file.hpp"
-#include "ptqlab/tokenizer.hpp"
-#include "ptqlab/utf8.hpp"
+#include "ptqlab/eval/perplexity.hpp"
+#include "ptqlab/model/model.hpp"
+#include "ptqlab/model/tokenizer.hpp"
+#include "ptqlab/outputs/export.hpp"
+#include "ptqlab/outputs/results.hpp"
+#include "ptqlab/support/error.hpp"
+#include "ptqlab/support/text_file.hpp"
+#include "ptqlab/support/utf8.hpp"
 #include "test_support.hpp"
 
 namespace ptqlab {

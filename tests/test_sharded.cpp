@@ -8,11 +8,11 @@
 #include <limits>
 
 #include "checkpoint_edit.hpp"
-#include "ptqlab/forward.hpp"
-#include "ptqlab/model.hpp"
-#include "ptqlab/safetensors.hpp"
-#include "ptqlab/text_file.hpp"
-#include "ptqlab/tokenizer.hpp"
+#include "ptqlab/model/model.hpp"
+#include "ptqlab/model/safetensors.hpp"
+#include "ptqlab/model/tokenizer.hpp"
+#include "ptqlab/nn/forward.hpp"
+#include "ptqlab/support/text_file.hpp"
 #include "test_support.hpp"
 
 namespace ptqlab {

@@ -17,13 +17,13 @@
 
 #include <fmt/format.h>
 
-#include "ptqlab/experiment.hpp"
-#include "ptqlab/model.hpp"
-#include "ptqlab/perplexity.hpp"
-#include "ptqlab/plugin.hpp"
-#include "ptqlab/results.hpp"
-#include "ptqlab/runner.hpp"
-#include "ptqlab/stop.hpp"
+#include "ptqlab/engine/experiment.hpp"
+#include "ptqlab/engine/plugin.hpp"
+#include "ptqlab/engine/runner.hpp"
+#include "ptqlab/eval/perplexity.hpp"
+#include "ptqlab/model/model.hpp"
+#include "ptqlab/outputs/results.hpp"
+#include "ptqlab/support/stop.hpp"
 #include "test_support.hpp"
 
 namespace ptqlab {

@@ -16,7 +16,7 @@
 
 #include <fmt/format.h>
 
-#include "ptqlab/results.hpp"
+#include "ptqlab/outputs/results.hpp"
 #include "test_support.hpp"
 
 namespace ptqlab {

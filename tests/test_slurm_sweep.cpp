@@ -7,12 +7,12 @@
 #include <fstream>
 #include <regex>
 
-#include "ptqlab/error.hpp"
-#include "ptqlab/experiment.hpp"
-#include "ptqlab/plugin.hpp"
-#include "ptqlab/results.hpp"
-#include "ptqlab/runner.hpp"
-#include "ptqlab/slurm_sweep.hpp"
+#include "ptqlab/engine/experiment.hpp"
+#include "ptqlab/engine/plugin.hpp"
+#include "ptqlab/engine/runner.hpp"
+#include "ptqlab/engine/slurm_sweep.hpp"
+#include "ptqlab/outputs/results.hpp"
+#include "ptqlab/support/error.hpp"
 #include "test_support.hpp"
 
 namespace ptqlab {

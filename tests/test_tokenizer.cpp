@@ -6,9 +6,9 @@
 #include <random>
 
 #include "checkpoint_edit.hpp"
-#include "ptqlab/error.hpp"
-#include "ptqlab/text_file.hpp"
-#include "ptqlab/tokenizer.hpp"
+#include "ptqlab/model/tokenizer.hpp"
+#include "ptqlab/support/error.hpp"
+#include "ptqlab/support/text_file.hpp"
 #include "test_support.hpp"
 
 namespace ptqlab {

@@ -7,11 +7,11 @@
 #include <fstream>
 #include <random>
 
-#include "ptqlab/error.hpp"
-#include "ptqlab/forward.hpp"
-#include "ptqlab/lmeval_stats.hpp"
-#include "ptqlab/scoring.hpp"
-#include "ptqlab/zeroshot.hpp"
+#include "ptqlab/eval/lmeval_stats.hpp"
+#include "ptqlab/eval/scoring.hpp"
+#include "ptqlab/eval/zeroshot.hpp"
+#include "ptqlab/nn/forward.hpp"
+#include "ptqlab/support/error.hpp"
 #include "test_support.hpp"
 
 namespace ptqlab {

@@ -11,16 +11,16 @@
 #include <nlohmann/json.hpp>
 #include <tbb/global_control.h>
 
-#include "ptqlab/build_info.hpp"
-#include "ptqlab/error.hpp"
-#include "ptqlab/generate.hpp"
-#include "ptqlab/memory_model.hpp"
-#include "ptqlab/model.hpp"
-#include "ptqlab/perplexity.hpp"
-#include "ptqlab/progress.hpp"
-#include "ptqlab/text_file.hpp"
-#include "ptqlab/tokenizer.hpp"
-#include "ptqlab/utf8.hpp"
+#include "ptqlab/engine/memory_model.hpp"
+#include "ptqlab/eval/perplexity.hpp"
+#include "ptqlab/model/model.hpp"
+#include "ptqlab/model/tokenizer.hpp"
+#include "ptqlab/nn/generate.hpp"
+#include "ptqlab/support/build_info.hpp"
+#include "ptqlab/support/error.hpp"
+#include "ptqlab/support/progress.hpp"
+#include "ptqlab/support/text_file.hpp"
+#include "ptqlab/support/utf8.hpp"
 
 namespace po = boost::program_options;
 

@@ -11,13 +11,13 @@
 #include <nlohmann/json.hpp>
 
 #include "commands.hpp"
-#include "ptqlab/error.hpp"
-#include "ptqlab/experiment.hpp"
-#include "ptqlab/memory_model.hpp"
-#include "ptqlab/plugin.hpp"
-#include "ptqlab/report.hpp"
-#include "ptqlab/runner.hpp"
-#include "ptqlab/stop.hpp"
+#include "ptqlab/engine/experiment.hpp"
+#include "ptqlab/engine/memory_model.hpp"
+#include "ptqlab/engine/plugin.hpp"
+#include "ptqlab/engine/runner.hpp"
+#include "ptqlab/outputs/report.hpp"
+#include "ptqlab/support/error.hpp"
+#include "ptqlab/support/stop.hpp"
 
 namespace po = boost::program_options;
 

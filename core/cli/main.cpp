@@ -11,8 +11,8 @@
 #include <fmt/format.h>
 
 #include "commands.hpp"
-#include "ptqlab/build_info.hpp"
-#include "ptqlab/error.hpp"
+#include "ptqlab/support/build_info.hpp"
+#include "ptqlab/support/error.hpp"
 
 namespace {
 

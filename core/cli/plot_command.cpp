@@ -5,8 +5,8 @@
 #include <fmt/format.h>
 
 #include "commands.hpp"
-#include "ptqlab/error.hpp"
-#include "ptqlab/plot.hpp"
+#include "ptqlab/outputs/plot.hpp"
+#include "ptqlab/support/error.hpp"
 
 namespace po = boost::program_options;
 

@@ -5,9 +5,9 @@
 #include <fmt/format.h>
 
 #include "commands.hpp"
-#include "ptqlab/error.hpp"
-#include "ptqlab/progress.hpp"
-#include "ptqlab/synth_model.hpp"
+#include "ptqlab/model/synth_model.hpp"
+#include "ptqlab/support/error.hpp"
+#include "ptqlab/support/progress.hpp"
 
 namespace po = boost::program_options;
 

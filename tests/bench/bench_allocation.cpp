@@ -13,9 +13,9 @@
 #include <random>
 
 #include "bench_support.hpp"
-#include "ptqlab/allocation.hpp"
-#include "ptqlab/allocation_stage.hpp"
-#include "ptqlab/plugin.hpp"
+#include "ptqlab/engine/allocation_stage.hpp"
+#include "ptqlab/engine/plugin.hpp"
+#include "ptqlab/quant/allocation.hpp"
 
 namespace ptqlab {
 namespace {

@@ -16,12 +16,12 @@
 #include <chrono>
 #include <random>
 
-#include "ptqlab/backward.hpp"
-#include "ptqlab/forward.hpp"
-#include "ptqlab/model.hpp"
-#include "ptqlab/perplexity.hpp"
-#include "ptqlab/text_file.hpp"
-#include "ptqlab/tokenizer.hpp"
+#include "ptqlab/eval/perplexity.hpp"
+#include "ptqlab/model/model.hpp"
+#include "ptqlab/model/tokenizer.hpp"
+#include "ptqlab/nn/backward.hpp"
+#include "ptqlab/nn/forward.hpp"
+#include "ptqlab/support/text_file.hpp"
 #include "bench_support.hpp"
 
 namespace ptqlab {

@@ -10,11 +10,11 @@
 
 #include <tbb/global_control.h>
 
-#include "ptqlab/forward.hpp"
-#include "ptqlab/model.hpp"
-#include "ptqlab/perplexity.hpp"
-#include "ptqlab/text_file.hpp"
-#include "ptqlab/tokenizer.hpp"
+#include "ptqlab/eval/perplexity.hpp"
+#include "ptqlab/model/model.hpp"
+#include "ptqlab/model/tokenizer.hpp"
+#include "ptqlab/nn/forward.hpp"
+#include "ptqlab/support/text_file.hpp"
 #include "bench_support.hpp"
 
 namespace ptqlab {

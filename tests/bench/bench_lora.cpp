@@ -15,11 +15,11 @@
 #include <chrono>
 #include <random>
 
-#include "ptqlab/lora.hpp"
-#include "ptqlab/model_backward.hpp"
-#include "ptqlab/perplexity.hpp"
-#include "ptqlab/text_file.hpp"
-#include "ptqlab/tokenizer.hpp"
+#include "lora.hpp"
+#include "ptqlab/eval/perplexity.hpp"
+#include "ptqlab/model/tokenizer.hpp"
+#include "ptqlab/nn/model_backward.hpp"
+#include "ptqlab/support/text_file.hpp"
 #include "bench_support.hpp"
 
 namespace ptqlab {

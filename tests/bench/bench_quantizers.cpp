@@ -22,10 +22,10 @@
 
 #include <tbb/global_control.h>
 
-#include "ptqlab/calibration.hpp"
-#include "ptqlab/forward.hpp"
-#include "ptqlab/gptq.hpp"
-#include "ptqlab/plugin.hpp"
+#include "ptqlab/engine/plugin.hpp"
+#include "ptqlab/nn/forward.hpp"
+#include "ptqlab/quant/calibration.hpp"
+#include "ptqlab/quant/gptq.hpp"
 #include "bench_support.hpp"
 
 namespace ptqlab {

@@ -5,7 +5,7 @@
 #include <cstdint>
 #include <random>
 
-#include "ptqlab/model.hpp"
+#include "ptqlab/model/model.hpp"
 
 namespace ptqlab::bench {
 

@@ -7,8 +7,8 @@
 #include <memory>
 
 #include "bench_support.hpp"
-#include "ptqlab/forward.hpp"
-#include "ptqlab/zeroshot.hpp"
+#include "ptqlab/eval/zeroshot.hpp"
+#include "ptqlab/nn/forward.hpp"
 
 namespace ptqlab {
 namespace {

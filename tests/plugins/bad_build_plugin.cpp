@@ -1,6 +1,6 @@
 // A plugin with the right ABI number but built against different headers (another Eigen, another
 // compiler ABI): its build id differs and the registry must refuse it.
-#include "ptqlab/plugin.hpp"
+#include "ptqlab/engine/plugin.hpp"
 
 extern "C" __attribute__((visibility("default"))) int ptqlab_plugin_abi_version() { return PTQLAB_PLUGIN_ABI_VERSION; }
 extern "C" __attribute__((visibility("default"))) const char* ptqlab_plugin_build_id() {

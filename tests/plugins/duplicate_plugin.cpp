@@ -1,5 +1,5 @@
 // Registers a quantizer named "rtn", which the built-in plugin already provides.
-#include "ptqlab/plugin.hpp"
+#include "ptqlab/engine/plugin.hpp"
 
 namespace {
 class Nothing : public ptqlab::Quantizer {

@@ -7,8 +7,8 @@
 #include <limits>
 #include <thread>
 
-#include "ptqlab/error.hpp"
-#include "ptqlab/plugin.hpp"
+#include "ptqlab/engine/plugin.hpp"
+#include "ptqlab/support/error.hpp"
 
 namespace {
 

@@ -9,8 +9,8 @@
 #include <algorithm>
 #include <cmath>
 
-#include "ptqlab/error.hpp"
-#include "ptqlab/plugin.hpp"
+#include "ptqlab/engine/plugin.hpp"
+#include "ptqlab/support/error.hpp"
 
 namespace {
 

@@ -13,8 +13,8 @@
 
 #include <fmt/format.h>
 
-#include "ptqlab/error.hpp"
-#include "ptqlab/plugin.hpp"
+#include "ptqlab/engine/plugin.hpp"
+#include "ptqlab/support/error.hpp"
 
 namespace {
 

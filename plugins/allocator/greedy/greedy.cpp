@@ -6,7 +6,7 @@
 #include <cmath>
 #include <queue>
 
-#include "ptqlab/plugin.hpp"
+#include "ptqlab/engine/plugin.hpp"
 
 namespace {
 

@@ -8,8 +8,8 @@
 #include <cmath>
 #include <numeric>
 
-#include "ptqlab/error.hpp"
-#include "ptqlab/plugin.hpp"
+#include "ptqlab/engine/plugin.hpp"
+#include "ptqlab/support/error.hpp"
 
 namespace {
 

@@ -3,9 +3,10 @@
 // and streamed from there by every arm.
 #include <fmt/format.h>
 
-#include "ptqlab/error.hpp"
-#include "ptqlab/kl_divergence.hpp"
-#include "ptqlab/plugin.hpp"
+#include "ptqlab/engine/param_rows.hpp"
+#include "ptqlab/engine/plugin.hpp"
+#include "ptqlab/eval/kl_divergence.hpp"
+#include "ptqlab/support/error.hpp"
 
 namespace {
 
@@ -71,8 +72,7 @@ PTQLAB_PLUGIN(registrar) {
       "KL(FP || quantized) per token on ptqlab-ppl-v1 windows, with llama.cpp's statistics (mean KLD, percentiles, "
       "same top token, delta p, PPL ratio); the FP logits are cached once per experiment";
   schema.params = {
-      {"seq_len", ptqlab::ParamType::integer, std::int64_t{0}, "window length; 0: the model's max_position_embeddings",
-       0.0, 1048576.0, {}},
+      ptqlab::param_rows::window_seq_len(),
       {"max_windows", ptqlab::ParamType::integer, std::int64_t{64},
        "evaluate the first K windows; 0: all (the cached FP logits take 4 * vocab bytes per scored token)", 0.0, {},
        {}},

@@ -6,10 +6,11 @@
 
 #include <fmt/format.h>
 
-#include "ptqlab/error.hpp"
-#include "ptqlab/perplexity.hpp"
-#include "ptqlab/plugin.hpp"
-#include "ptqlab/utf8.hpp"
+#include "ptqlab/engine/param_rows.hpp"
+#include "ptqlab/engine/plugin.hpp"
+#include "ptqlab/eval/perplexity.hpp"
+#include "ptqlab/support/error.hpp"
+#include "ptqlab/support/utf8.hpp"
 
 namespace {
 
@@ -83,8 +84,7 @@ PTQLAB_PLUGIN(registrar) {
       "token perplexity on non-overlapping windows; protocol ptqlab-ppl-v1 (BOS at the start only, every position), "
       "gptq-wikitext2 or llamacpp (docs/protocols.md)";
   schema.params = {
-      {"seq_len", ptqlab::ParamType::integer, std::int64_t{0}, "window length; 0: the model's max_position_embeddings",
-       0.0, 1048576.0, {}},
+      ptqlab::param_rows::window_seq_len(),
       {"max_windows", ptqlab::ParamType::integer, std::int64_t{0}, "evaluate only the first K windows; 0: all", 0.0,
        {}, {}},
       {"protocol", ptqlab::ParamType::string, std::string(ptqlab::kPerplexityProtocol),

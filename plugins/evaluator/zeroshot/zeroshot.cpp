@@ -6,9 +6,9 @@
 #include <fmt/format.h>
 #include <fmt/ranges.h>
 
-#include "ptqlab/error.hpp"
-#include "ptqlab/plugin.hpp"
-#include "ptqlab/zeroshot.hpp"
+#include "ptqlab/engine/plugin.hpp"
+#include "ptqlab/eval/zeroshot.hpp"
+#include "ptqlab/support/error.hpp"
 
 namespace {
 

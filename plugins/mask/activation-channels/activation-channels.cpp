@@ -2,7 +2,7 @@
 // magnitude (max |x| over all calibration tokens by default, as the code does; mean |x| as the
 // pseudocode says) is in the top `ratio` are salient: whole columns of [out, in]. Linears that
 // share an input (q/k/v, gate/up) get the same mask because they share the statistic.
-#include "activation_channels.hpp"
+#include "ptqlab/quant/activation_channels.hpp"
 
 namespace {
 

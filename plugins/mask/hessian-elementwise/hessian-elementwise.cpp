@@ -5,7 +5,8 @@
 // columns (one threshold over all rows): τ = ascending sorted score at floor(n · (1 - ratio)),
 // salient = score > τ. U_jj² is the conditional [H⁻¹]_jj, so this is the OBS salience
 // w² / [H_F⁻¹]_jj (not w² / ([H⁻¹]_jj)², the papers' notation). See docs/methods/masks.md.
-#include "../salience.hpp"
+#include "ptqlab/engine/param_rows.hpp"
+#include "ptqlab/quant/salience.hpp"
 
 namespace {
 
@@ -49,16 +50,10 @@ PTQLAB_PLUGIN(registrar) {
   schema.name = "hessian-elementwise";
   schema.description = "element-wise salient mask: the top `ratio` of weights by w^2 / U_jj^2 (PB-LLM's Hessian salience)";
   schema.params = {
-      {"ratio", ptqlab::ParamType::real, 0.1,
-       "salient fraction (PB-LLM's 1 - low_frac): threshold at sorted position floor(n * (1 - ratio)), salient = score > threshold",
-       0.0, 1.0, {}},
-      {"group_size", ptqlab::ParamType::integer, std::int64_t{-1},
-       "input columns sharing one threshold; -1: the whole matrix (PB-LLM's groupsize)", -1.0, 1048576.0, {}},
-      {"percdamp", ptqlab::ParamType::real, 0.01, "dampening of H before inversion, as a fraction of mean(diag H)", 0.0,
-       10.0, {}},
-      {"encoding", ptqlab::ParamType::string, std::string("bitmap"),
-       "storage counted in the ledger: bitmap (1 bit per weight) or csr (column indices + row pointers)", {}, {},
-       {"bitmap", "csr"}},
+      ptqlab::param_rows::element_salient_ratio(),
+      ptqlab::param_rows::threshold_group_size(),
+      ptqlab::param_rows::percdamp(),
+      ptqlab::param_rows::element_mask_encoding(),
   };
   registrar->add_mask(schema, [](const ptqlab::Params& p) { return std::make_unique<HessianElementwiseMask>(p); });
 }

@@ -10,7 +10,8 @@
 // block from the already-compensated weights and searches the count (1…49) that minimises the
 // order-2 binarization error of the salience matrix. This plugin is the column-salience criterion
 // only, computed once from the original weights, for use by other quantizers (docs/methods/masks.md).
-#include "../salience.hpp"
+#include "ptqlab/engine/param_rows.hpp"
+#include "ptqlab/quant/salience.hpp"
 
 namespace {
 
@@ -90,8 +91,7 @@ PTQLAB_PLUGIN(registrar) {
       {"block_size", ptqlab::ParamType::integer, std::int64_t{-1},
        "choose the columns in every block of this many input columns (BiLLM: 128); -1: over the whole matrix", -1.0,
        1048576.0, {}},
-      {"percdamp", ptqlab::ParamType::real, 0.01, "dampening of H before inversion, as a fraction of mean(diag H)", 0.0,
-       10.0, {}},
+      ptqlab::param_rows::percdamp(),
       {"encoding", ptqlab::ParamType::string, std::string("bitmap"),
        "storage counted in the ledger: bitmap (1 bit per input column) or csr (a list of column indices)", {}, {},
        {"bitmap", "csr"}},

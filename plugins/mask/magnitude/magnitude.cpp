@@ -4,7 +4,8 @@
 // τ = ascending sorted |w| at position floor(n · (1 - ratio)), salient = |w| > τ.
 // Dead input columns (H_jj == 0 on the calibration data) rank as 0, because the code zeroes them
 // before computing the mask. See docs/methods/masks.md.
-#include "../salience.hpp"
+#include "ptqlab/engine/param_rows.hpp"
+#include "ptqlab/quant/salience.hpp"
 
 namespace {
 
@@ -48,14 +49,9 @@ PTQLAB_PLUGIN(registrar) {
   schema.name = "magnitude";
   schema.description = "element-wise salient mask: the top `ratio` of weights by magnitude abs(w) (PB-LLM's magnitude salience)";
   schema.params = {
-      {"ratio", ptqlab::ParamType::real, 0.1,
-       "salient fraction (PB-LLM's 1 - low_frac): threshold at sorted position floor(n * (1 - ratio)), salient = score > threshold",
-       0.0, 1.0, {}},
-      {"group_size", ptqlab::ParamType::integer, std::int64_t{-1},
-       "input columns sharing one threshold; -1: the whole matrix (PB-LLM's groupsize)", -1.0, 1048576.0, {}},
-      {"encoding", ptqlab::ParamType::string, std::string("bitmap"),
-       "storage counted in the ledger: bitmap (1 bit per weight) or csr (column indices + row pointers)", {}, {},
-       {"bitmap", "csr"}},
+      ptqlab::param_rows::element_salient_ratio(),
+      ptqlab::param_rows::threshold_group_size(),
+      ptqlab::param_rows::element_mask_encoding(),
   };
   registrar->add_mask(schema, [](const ptqlab::Params& p) { return std::make_unique<MagnitudeMask>(p); });
 }

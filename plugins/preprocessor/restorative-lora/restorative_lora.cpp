@@ -11,15 +11,15 @@
 #include <fmt/format.h>
 #include <tbb/task_arena.h>
 
-#include "ptqlab/artifact_cache.hpp"
-#include "ptqlab/error.hpp"
-#include "ptqlab/experiment.hpp"
-#include "ptqlab/lora.hpp"
-#include "ptqlab/perplexity.hpp"
-#include "ptqlab/plugin.hpp"
-#include "ptqlab/progress.hpp"
-#include "ptqlab/text_file.hpp"
-#include "ptqlab/tokenizer.hpp"
+#include "ptqlab/engine/artifact_cache.hpp"
+#include "ptqlab/support/error.hpp"
+#include "ptqlab/support/sha256.hpp"
+#include "lora.hpp"
+#include "ptqlab/engine/plugin.hpp"
+#include "ptqlab/eval/perplexity.hpp"
+#include "ptqlab/model/tokenizer.hpp"
+#include "ptqlab/support/progress.hpp"
+#include "ptqlab/support/text_file.hpp"
 
 namespace {
 

@@ -24,9 +24,9 @@
 
 #include <Eigen/Core>
 
-#include "../billm/billm_algo.hpp"
-#include "ptqlab/binarize.hpp"
-#include "ptqlab/model.hpp"
+#include "ptqlab/model/model.hpp"
+#include "ptqlab/quant/billm_algo.hpp"
+#include "ptqlab/quant/binarize.hpp"
 
 namespace ptqlab::arbllm {
 

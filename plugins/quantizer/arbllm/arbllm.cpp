@@ -7,9 +7,10 @@
 #include <fmt/format.h>
 
 #include "arbllm_algo.hpp"
-#include "ptqlab/error.hpp"
-#include "ptqlab/gptq.hpp"
-#include "ptqlab/plugin.hpp"
+#include "ptqlab/engine/param_rows.hpp"
+#include "ptqlab/engine/plugin.hpp"
+#include "ptqlab/quant/gptq.hpp"
+#include "ptqlab/support/error.hpp"
 
 namespace {
 
@@ -126,8 +127,8 @@ PTQLAB_PLUGIN(registrar) {
        {}, {}, {"code", "paper"}},
       {"eps", ParamType::real, 1e-8, "added to the arb alpha and arb-rc scale denominators", 0.0, 1.0, {}},
       {"x_eps", ParamType::real, 1e-10, "added to the arb-x denominators", 0.0, 1.0, {}},
-      {"percdamp", ParamType::real, 0.01, "dampening, as a fraction of mean(diag H)", 0.0, 10.0, {}},
-      {"disable_gptq", ParamType::boolean, false, "no error propagation to later blocks (--disable_gptq)", {}, {}, {}},
+      ptqlab::param_rows::percdamp(),
+      ptqlab::param_rows::disable_gptq(),
   };
   registrar->add_quantizer(schema, [](const ptqlab::Params& p) { return std::make_unique<ArbLlm>(p); });
 }

@@ -1,7 +1,7 @@
 #pragma once
 // ARB-LLM's block algorithm (research/arbllm.md §4; docs/methods/arbllm.md), header only (the
 // plugin and tests/test_arbllm.cpp compile their own copies). It is BiLLM's block algorithm with
-// other binarizers, so it is built from BiLLM's pieces (plugins/quantizer/billm/billm_algo.hpp):
+// other binarizers, so it is built from BiLLM's pieces (core/include/ptqlab/quant/billm_algo.hpp):
 // the salience matrix, the column ranking and structural search (A), the quantile break-points and
 // BiLLM's break-point search (B), and the same block-wise-only compensation (D). Per block:
 //   S  salience of the block as it arrives (hessian w²/U_jj², or magnitude w)
@@ -23,10 +23,10 @@
 #include <vector>
 
 #include <Eigen/Core>
-#include "../billm/billm_algo.hpp"
+#include "ptqlab/quant/billm_algo.hpp"
 #include "arb_binarizers.hpp"
-#include "ptqlab/binarize.hpp"
-#include "ptqlab/bits.hpp"
+#include "ptqlab/quant/binarize.hpp"
+#include "ptqlab/quant/bits.hpp"
 
 namespace ptqlab::arbllm {
 

@@ -6,10 +6,11 @@
 // paper-vs-code item of research/baselines.md §4 (B1-B4) to the paper's version.
 #include <fmt/format.h>
 
-#include "billm_algo.hpp"
-#include "ptqlab/error.hpp"
-#include "ptqlab/gptq.hpp"
-#include "ptqlab/plugin.hpp"
+#include "ptqlab/engine/param_rows.hpp"
+#include "ptqlab/engine/plugin.hpp"
+#include "ptqlab/quant/billm_algo.hpp"
+#include "ptqlab/quant/gptq.hpp"
+#include "ptqlab/support/error.hpp"
 
 namespace {
 
@@ -138,8 +139,8 @@ PTQLAB_PLUGIN(registrar) {
        "break-point candidates: quantiles of abs(S) incl. salient zeros, concentrated abs(s) < p (code), or "
        "max_fraction: level * max abs(W), concentrated abs(w) <= p (paper); auto: the mode's",
        {}, {}, {"auto", "quantiles", "max_fraction"}},
-      {"percdamp", ParamType::real, 0.01, "dampening, as a fraction of mean(diag H)", 0.0, 10.0, {}},
-      {"disable_gptq", ParamType::boolean, false, "no error propagation to later blocks (--disable_gptq)", {}, {}, {}},
+      ptqlab::param_rows::percdamp(),
+      ptqlab::param_rows::disable_gptq(),
       {"log_inputs", ParamType::boolean, false,
        "with log_tensors: also log each linear's incoming weight (weight_in), Hessian (hessian, float32) and "
        "quantized weight (weight_out)", {}, {},

@@ -1,5 +1,5 @@
 // Quantizer "fp": leaves weights unchanged. The full-precision baseline row of every table.
-#include "ptqlab/plugin.hpp"
+#include "ptqlab/engine/plugin.hpp"
 
 namespace {
 

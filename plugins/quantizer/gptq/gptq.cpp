@@ -8,8 +8,9 @@
 
 #include <fmt/format.h>
 
-#include "ptqlab/gptq.hpp"
-#include "ptqlab/plugin.hpp"
+#include "ptqlab/engine/param_rows.hpp"
+#include "ptqlab/engine/plugin.hpp"
+#include "ptqlab/quant/gptq.hpp"
 
 namespace {
 
@@ -114,13 +115,12 @@ PTQLAB_PLUGIN(registrar) {
   schema.name = "gptq";
   schema.description = "GPTQ: OBS column-by-column quantization with lazy block updates (IST-DASLab/gptq)";
   schema.params = {
-      {"bits", ptqlab::ParamType::integer, std::int64_t{4}, "bits per weight", 1.0, 16.0, {}},
-      {"group_size", ptqlab::ParamType::integer, std::int64_t{-1},
-       "input columns sharing one scale/zero; -1: the whole row (per-channel)", -1.0, 1048576.0, {}},
+      ptqlab::param_rows::bits(),
+      ptqlab::param_rows::weight_group_size(),
       {"symmetric", ptqlab::ParamType::boolean, false, "symmetric grid (--sym)", {}, {}, {}},
       {"act_order", ptqlab::ParamType::boolean, false, "process columns by descending diag(H) (--act-order)", {}, {}, {}},
       {"block_size", ptqlab::ParamType::integer, std::int64_t{128}, "columns per lazy-update block", 1.0, 1048576.0, {}},
-      {"percdamp", ptqlab::ParamType::real, 0.01, "dampening, as a fraction of mean(diag H)", 0.0, 10.0, {}},
+      ptqlab::param_rows::percdamp(),
   };
   registrar->add_quantizer(schema, [](const ptqlab::Params& p) { return std::make_unique<Gptq>(p); });
 }

@@ -22,9 +22,10 @@
 
 #include <fmt/format.h>
 
-#include "../../mask/salience.hpp"
-#include "ptqlab/gptq.hpp"
-#include "ptqlab/plugin.hpp"
+#include "ptqlab/engine/param_rows.hpp"
+#include "ptqlab/engine/plugin.hpp"
+#include "ptqlab/quant/gptq.hpp"
+#include "ptqlab/quant/salience.hpp"
 
 namespace {
 
@@ -220,7 +221,7 @@ PTQLAB_PLUGIN(registrar) {
        1048576.0, {}},
       {"block_size", ptqlab::ParamType::integer, std::int64_t{128}, "columns per lazy-update block of the GPTQ loop", 1.0,
        1048576.0, {}},
-      {"percdamp", ptqlab::ParamType::real, 0.01, "dampening, as a fraction of mean(diag H)", 0.0, 10.0, {}},
+      ptqlab::param_rows::percdamp(),
       {"disable_gptq", ptqlab::ParamType::boolean, false, "no error compensation: round each weight directly (RTN rows)",
        {}, {}, {}},
       {"binary_stats", ptqlab::ParamType::string, std::string("zeroed_row"),

@@ -9,8 +9,8 @@
 #include <cmath>
 #include <vector>
 
-#include "../../../plugins/mask/activation-channels/activation_channels.hpp"
-#include "ptqlab/gptq.hpp"
+#include "ptqlab/quant/activation_channels.hpp"
+#include "ptqlab/quant/gptq.hpp"
 
 namespace ptqlab::ptq161 {
 

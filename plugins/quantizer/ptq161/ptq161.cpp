@@ -9,8 +9,8 @@
 #include <fmt/format.h>
 
 #include "binary_scales.hpp"
-#include "ptqlab/block_reconstruction.hpp"
-#include "ptqlab/error.hpp"
+#include "block_reconstruction.hpp"
+#include "ptqlab/support/error.hpp"
 
 namespace {
 

@@ -7,8 +7,9 @@
 //   q = scale * (clamp(round(w / scale) + zero, 0, 2^b - 1) - zero), round half to even.
 #include <cmath>
 
-#include "ptqlab/gptq.hpp"
-#include "ptqlab/plugin.hpp"
+#include "ptqlab/engine/param_rows.hpp"
+#include "ptqlab/engine/plugin.hpp"
+#include "ptqlab/quant/gptq.hpp"
 
 namespace {
 
@@ -53,9 +54,8 @@ PTQLAB_PLUGIN(registrar) {
   schema.name = "rtn";
   schema.description = "round-to-nearest uniform quantization, per output row or per group (GPTQ's grid)";
   schema.params = {
-      {"bits", ptqlab::ParamType::integer, std::int64_t{4}, "bits per weight", 1.0, 16.0, {}},
-      {"group_size", ptqlab::ParamType::integer, std::int64_t{-1},
-       "input columns sharing one scale/zero; -1: the whole row (per-channel)", -1.0, 1048576.0, {}},
+      ptqlab::param_rows::bits(),
+      ptqlab::param_rows::weight_group_size(),
       {"symmetric", ptqlab::ParamType::boolean, false, "symmetric grid with a fixed zero point", {}, {}, {}},
   };
   registrar->add_quantizer(schema, [](const ptqlab::Params& p) { return std::make_unique<RoundToNearest>(p); });

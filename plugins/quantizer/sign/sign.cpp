@@ -3,7 +3,7 @@
 // mode of BiLLM's binary.py). It is also the complete example of docs/plugins.md.
 #include <cmath>
 
-#include "ptqlab/plugin.hpp"
+#include "ptqlab/engine/plugin.hpp"
 
 namespace {
 

@@ -1,7 +1,0 @@
-#include "ptqlab/error.hpp"
-
-namespace ptqlab {
-
-Error::~Error() = default;
-
-}  // namespace ptqlab

@@ -1,0 +1,7 @@
+#include "ptqlab/support/error.hpp"
+
+namespace ptqlab {
+
+Error::~Error() = default;
+
+}  // namespace ptqlab
