@@ -61,12 +61,8 @@ std::string model_key(const std::filesystem::path& dir) {
   return sha256_hex(material);
 }
 
-RunKeys::RunKeys(const std::filesystem::path& model_dir, const std::vector<std::vector<int>>& calibration,
-                 std::uint64_t seed)
-    : model_(model_key(model_dir)) {
-  std::vector<int> all;
-  for (const auto& w : calibration) all.insert(all.end(), w.begin(), w.end());
-  calibration_digest_ = token_digest(all);
+RunKeys::RunKeys(const std::filesystem::path& model_dir, const std::vector<int>& calibration_tokens, std::uint64_t seed)
+    : model_(model_key(model_dir)), calibration_digest_(token_digest(calibration_tokens)) {
   // Model and calibration windows, then the experiment seed: what stage-1 quantizations and
   // allocation tables share.
   stage1_ = KeyMaterial(model_).field("calibration", calibration_digest_).field("seed", std::to_string(seed)).text();

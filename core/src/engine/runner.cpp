@@ -474,7 +474,7 @@ RunReport run_experiment(const Experiment& exp, const PluginRegistry& registry, 
   SharedArtifacts shared;
   load_shared(exp, options, evaluators, cache, monitor, shared);
   check_memory(exp, options, todo, components, need_stats, shared, monitor);
-  const RunKeys keys(exp.model_dir, shared.calibration, exp.seed);
+  const RunKeys keys(exp.model_dir, shared.calibration_tokens, exp.seed);
   if (need_stats) input_statistics(options, cache, keys, monitor, shared);
   monitor.stage_done("shared");
   if (stop_requested()) return stopped_before_arms(std::move(report), todo, options, monitor, run_start);

@@ -45,7 +45,8 @@ std::string model_key(const std::filesystem::path& model_dir);
 // The keys of one run: the model and calibration windows are hashed once.
 class RunKeys {
  public:
-  RunKeys(const std::filesystem::path& model_dir, const std::vector<std::vector<int>>& calibration, std::uint64_t seed);
+  // `calibration_tokens`: the calibration windows back to back (SharedArtifacts::calibration_tokens).
+  RunKeys(const std::filesystem::path& model_dir, const std::vector<int>& calibration_tokens, std::uint64_t seed);
 
   const std::string& model() const { return model_; }  // also the KL reference logits' key
   const std::string& calibration_digest() const { return calibration_digest_; }
