@@ -9,14 +9,20 @@
 #include <cstring>
 #include <fstream>
 #include <map>
+#include <mutex>
 #include <random>
+#include <set>
+
+#include <fmt/format.h>
 
 #include "ptqlab/engine/experiment.hpp"
 #include "ptqlab/engine/memory_model.hpp"
+#include "ptqlab/engine/memory_watch.hpp"
 #include "ptqlab/engine/plugin.hpp"
 #include "ptqlab/engine/runner.hpp"
 #include "ptqlab/eval/perplexity.hpp"
 #include "ptqlab/model/model.hpp"
+#include "ptqlab/model/model_config.hpp"
 #include "ptqlab/model/safetensors.hpp"
 #include "ptqlab/model/synth_model.hpp"
 #include "ptqlab/model/tokenizer.hpp"
@@ -405,6 +411,102 @@ TEST(MemoryModel, PplOverTheLimitExitsWithTwo) {
   EXPECT_EQ(std::count(r.output.begin(), r.output.end(), '\n'), 1) << r.output;
   EXPECT_DOUBLE_EQ(parse_memory_size("1.5GiB", "--memory-limit"), 1.5 * 1024 * 1024 * 1024);
   EXPECT_THROW(parse_memory_size("6Q", "--memory-limit"), Error);
+}
+
+TEST(MemoryWatch, PeakHoldsTheLargestSampleAndWhatWasDoneThen) {
+  test::TempDir dir;
+  std::string doing = "before";
+  std::mutex m;
+  auto now = [&] {
+    std::lock_guard lock(m);
+    return doing;
+  };
+  const double base = rss_anon_bytes();
+  ASSERT_GT(base, 0);
+  {
+    MemoryWatch watch(now, dir.path() / "trace.tsv", std::chrono::milliseconds(5000));
+    std::vector<char> big;
+    {
+      std::lock_guard lock(m);
+      doing = "a: holding 256 MB";
+    }
+    big.assign(256u << 20, 1);  // touched: resident
+    watch.sample();
+    big.clear();
+    big.shrink_to_fit();
+    {
+      std::lock_guard lock(m);
+      doing = "a: freed";
+    }
+    watch.sample();
+    watch.stop();
+    const auto peak = watch.peak();
+    EXPECT_GE(peak.bytes, base + 250e6) << base;
+    EXPECT_EQ(peak.doing, "a: holding 256 MB");
+  }
+  std::ifstream in(dir.path() / "trace.tsv");
+  std::string line;
+  std::vector<std::string> lines;
+  while (std::getline(in, line)) lines.push_back(line);
+  ASSERT_EQ(lines.size(), 5u);  // header, the first sample, the two stage changes, the last sample (stop)
+  EXPECT_EQ(lines[0], "seconds\trss_anon_bytes\tdoing");
+  EXPECT_NE(lines[1].find("\tbefore"), std::string::npos) << lines[1];
+  EXPECT_NE(lines[2].find("\ta: holding 256 MB"), std::string::npos) << lines[2];
+  EXPECT_NE(lines[3].find("\ta: freed"), std::string::npos) << lines[3];
+  EXPECT_NE(lines[4].find("\ta: freed"), std::string::npos) << lines[4];
+}
+
+TEST(MemoryWatch, RunReportsMeasuredPeakAndTracesEachArmsStages) {
+  test::TempDir dir;
+  test::SmallExperiment e;
+  e.arms = "  - name: rtn\n    quantizer: {name: rtn, params: {bits: 4, group_size: 32}}\n";
+  std::ofstream(dir.path() / "exp.yaml") << e.yaml();
+  PluginRegistry registry;
+  registry.add_search_path(PluginRegistry::default_plugin_dir());
+  RunOptions o;
+  o.out_dir = dir.path() / "out";
+  o.print_memory = false;
+  o.memory_trace = dir.path() / "no-such-dir" / "trace.tsv";
+  try {  // a trace that cannot be written is refused before anything is computed or written
+    run_experiment(load_experiment(dir.path() / "exp.yaml", registry), registry, o);
+    FAIL() << "expected a refusal";
+  } catch (const Error& err) {
+    EXPECT_NE(std::string(err.what()).find("no-such-dir/trace.tsv: cannot write the memory trace (--memory-trace)"),
+              std::string::npos)
+        << err.what();
+  }
+  EXPECT_FALSE(fs::exists(o.out_dir));
+  o.memory_trace = dir.path() / "trace.tsv";
+  const auto report = run_experiment(load_experiment(dir.path() / "exp.yaml", registry), registry, o);
+  ASSERT_EQ(report.failed(), 0);
+  EXPECT_GT(report.predicted_peak_bytes, 0);
+  EXPECT_GT(report.measured_peak_bytes, 0);
+  std::ifstream in(o.memory_trace);
+  std::string line;
+  std::getline(in, line);
+  EXPECT_EQ(line, "seconds\trss_anon_bytes\tdoing");
+  double last_seconds = 0;
+  std::set<std::string> seen;
+  while (std::getline(in, line)) {
+    const auto t1 = line.find('\t'), t2 = line.find('\t', t1 + 1);
+    ASSERT_NE(t2, std::string::npos) << line;
+    const double seconds = std::stod(line.substr(0, t1));
+    const double bytes = std::stod(line.substr(t1 + 1, t2 - t1 - 1));
+    EXPECT_GE(seconds, last_seconds);
+    EXPECT_GT(bytes, 0);
+    EXPECT_LE(bytes, report.measured_peak_bytes);
+    last_seconds = seconds;
+    seen.insert(line.substr(t2 + 1));
+  }
+  // Every phase of the first layer is in the timeline (each stage change is sampled).
+  const int layers = load_llama_config(test::model_dir("stories260K") / "config.json").num_layers;
+  for (const std::string phase : {"Hessians, ", "quantize q_proj, ", "record down_proj, ", "forward, ", "checkpoint, "}) {
+    bool found = false;
+    for (const auto& d : seen) found = found || d.rfind(fmt::format("rtn: quantize layer 1/{}, {}", layers, phase), 0) == 0;
+    EXPECT_TRUE(found) << phase;
+  }
+  EXPECT_TRUE(seen.count("rtn: perplexity tinystories")) << "evaluation";
+  EXPECT_TRUE(seen.count("rtn: writing results"));
 }
 
 TEST(LayerStore, SpilledArmsEqualResidentOnesAndLeaveNothing) {

@@ -63,7 +63,8 @@ std::string param_range(const ParamSpec& p) {
 }  // namespace
 
 int cmd_run(const Args& args) {
-  std::string file, out, arms = "*", cache_dir, layer_store = "memory", memory_limit, export_dir, export_dtype = "f16";
+  std::string file, out, arms = "*", cache_dir, layer_store = "memory", memory_limit, memory_trace, export_dir,
+      export_dtype = "f16";
   int jobs = 1;
   std::vector<std::string> plugin_paths;
   po::options_description desc("ptqlab run options");
@@ -78,6 +79,7 @@ int cmd_run(const Args& args) {
       ("layer-store", po::value(&layer_store)->default_value("memory"),
        "where arms keep quantized layers: memory (f32), or their own files under <out>: f32, f16, bf16")
       ("memory-limit", po::value(&memory_limit), "memory the run may use (e.g. 6G; default: what is available)")
+      ("memory-trace", po::value(&memory_trace), "write a TSV timeline of RssAnon and each arm's stage to FILE")
       ("export-dir", po::value(&export_dir), "also write each completed arm as a HF checkpoint to DIR/<arm>/")
       ("export-dtype", po::value(&export_dtype)->default_value("f16"), "dtype of exported weights: f16, bf16, f32")
       ("plugin-path", po::value(&plugin_paths)->composing(), "extra plugin directory (repeatable)");
@@ -106,6 +108,7 @@ int cmd_run(const Args& args) {
   options.layer_store = layer_store;
   options.export_dir = export_dir;
   options.export_dtype = export_dtype;
+  options.memory_trace = memory_trace;
   if (!memory_limit.empty()) options.memory_limit = parse_memory_size(memory_limit, "--memory-limit");
   if (!vm->count("no-cache")) options.cache_dir = cache_dir.empty() ? options.out_dir / ".cache" : std::filesystem::path(cache_dir);
 

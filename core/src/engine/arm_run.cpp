@@ -241,8 +241,11 @@ class ArmRun {
       throw_if_stop_requested();  // between layers: a safe point
       const int done = l - first_layer;
       const std::string eta = done > 0 ? format_duration(seconds_since(quantize_start) / done * (n - l)) : std::string("?");
-      stage(fmt::format("quantize layer {}/{}", l + 1, n), "ETA " + eta);
+      layer_stage_ = fmt::format("quantize layer {}/{}", l + 1, n);
+      layer_eta_ = "ETA " + eta;
+      stage(layer_stage_, layer_eta_);
     };
+    lo.on_phase = [this](const std::string& what) { stage(layer_stage_, what + ", " + layer_eta_); };
     return quantize_layerwise_resumable(m, run_.shared.calibration, lo, resume);
   }
 
@@ -406,6 +409,7 @@ class ArmRun {
   const ArmComponents& comp_;
   ArmOutcome out_;
   ArmLog log_;
+  std::string layer_stage_, layer_eta_;  // "quantize layer 3/32", "ETA 5m" (with the phase in the stage shown)
   std::string doing_ = "starting";  // what the arm is doing, for the message when SIGTERM stops it
   const ModelInputStats* stats_ = &run_.shared.input_stats;
   ModelInputStats preprocessed_stats_;

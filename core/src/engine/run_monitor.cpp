@@ -16,6 +16,11 @@ double seconds_since(Clock::time_point t0) { return std::chrono::duration<double
 RunMonitor::RunMonitor(int total) : total_(total), start_(Clock::now()), interactive_(::isatty(STDOUT_FILENO) == 1) {}
 
 void RunMonitor::stage(const std::string& arm, std::string what) {
+  stage_locked(arm, std::move(what));
+  if (on_change_) on_change_();
+}
+
+void RunMonitor::stage_locked(const std::string& arm, std::string what) {
   std::lock_guard lock(mutex_);
   if (!interactive_) {
     // A log file (Slurm, nohup) gets the current stage of an arm at most every 30 s, so that a
@@ -41,22 +46,35 @@ void RunMonitor::step(const std::string& arm, const std::string& line) {
 }
 
 void RunMonitor::stage_done(const std::string& what) {
-  std::lock_guard lock(mutex_);
-  stages_.erase(what);
-  redraw();
+  {
+    std::lock_guard lock(mutex_);
+    stages_.erase(what);
+    redraw();
+  }
+  if (on_change_) on_change_();
 }
 
 void RunMonitor::arm_finished(const std::string& arm) {
-  std::lock_guard lock(mutex_);
-  stages_.erase(arm);
-  ++done_;
-  redraw();
+  {
+    std::lock_guard lock(mutex_);
+    stages_.erase(arm);
+    ++done_;
+    redraw();
+  }
+  if (on_change_) on_change_();
 }
 
 void RunMonitor::finish() {
   std::lock_guard lock(mutex_);
   clear();
   std::fflush(stdout);
+}
+
+std::string RunMonitor::doing() const {
+  std::lock_guard lock(mutex_);
+  std::string out;
+  for (const auto& [arm, what] : stages_) out += fmt::format("{}{}: {}", out.empty() ? "" : "; ", arm, what);
+  return out.empty() ? std::string("-") : out;
 }
 
 void RunMonitor::clear() {

@@ -6,6 +6,7 @@
 // holds what both see: progress, the arm's log, the components and the artifacts every arm reads.
 #include <chrono>
 #include <filesystem>
+#include <functional>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -39,8 +40,13 @@ class RunMonitor {
   void stage_done(const std::string& what);
   void arm_finished(const std::string& arm);
   void finish();
+  // What the running stages do now, "arm: stage; arm: stage" (for the memory watch's samples).
+  std::string doing() const;
+  // Called after every stage change, outside the monitor's lock (the memory watch samples then).
+  void on_change(std::function<void()> f) { on_change_ = std::move(f); }
 
  private:
+  void stage_locked(const std::string& arm, std::string what);
   void clear();
   void redraw();
 
@@ -49,9 +55,10 @@ class RunMonitor {
   Clock::time_point start_;
   bool interactive_;
   bool drawn_ = false;
-  std::mutex mutex_;
+  mutable std::mutex mutex_;
   std::map<std::string, std::string> stages_;
-  std::map<std::string, Clock::time_point> last_line_;  // non-interactive: when an arm's stage was last printed
+  std::map<std::string, Clock::time_point> last_line_;
+  std::function<void()> on_change_;  // non-interactive: when an arm's stage was last printed
 };
 
 // The components an arm is made of (a factory may refuse: then `error` says why and the arm fails).

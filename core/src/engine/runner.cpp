@@ -22,6 +22,7 @@
 #include <tbb/parallel_for.h>
 #include <tbb/task_arena.h>
 
+#include "ptqlab/engine/memory_watch.hpp"
 #include "ptqlab/eval/perplexity.hpp"
 #include "ptqlab/outputs/report.hpp"
 #include "ptqlab/support/build_info.hpp"
@@ -339,7 +340,7 @@ void load_shared(const Experiment& exp, const RunOptions& options,
 }
 
 // Stage "memory": the memory model, before any model compute; refused (exit 2) over the limit.
-void check_memory(const Experiment& exp, const RunOptions& options, const std::vector<const ArmSpec*>& todo,
+double check_memory(const Experiment& exp, const RunOptions& options, const std::vector<const ArmSpec*>& todo,
                   const std::vector<ArmComponents>& components, bool need_stats, const SharedArtifacts& shared,
                   RunMonitor& monitor) {
   const int calib_len = shared.calibration_seq_len;
@@ -373,6 +374,7 @@ void check_memory(const Experiment& exp, const RunOptions& options, const std::v
         exp.file.string(), format_bytes(estimate.total_bytes()), format_bytes(limit),
         options.memory_limit > 0 ? " (--memory-limit)" : "", options.jobs, exp.calibration.nsamples,
         stream_dtype_name(exp.calibration.stream_dtype)));
+  return estimate.total_bytes();
 }
 
 // Stage "statistics": the FP input statistics (from the cache, or one FP pass).
@@ -465,6 +467,8 @@ RunReport run_experiment(const Experiment& exp, const PluginRegistry& registry, 
     report.seconds = seconds_since(run_start);
     return report;
   }
+  MemoryWatch memory_watch([&monitor] { return monitor.doing(); }, options.memory_trace);
+  monitor.on_change([&memory_watch] { memory_watch.sample(); });
 
   bool need_stats = false;
   std::vector<ArmComponents> components = make_components(registry, todo, need_stats);
@@ -473,7 +477,7 @@ RunReport run_experiment(const Experiment& exp, const PluginRegistry& registry, 
   const ArtifactCache cache = options.cache_dir.empty() ? ArtifactCache() : ArtifactCache(options.cache_dir);
   SharedArtifacts shared;
   load_shared(exp, options, evaluators, cache, monitor, shared);
-  check_memory(exp, options, todo, components, need_stats, shared, monitor);
+  report.predicted_peak_bytes = check_memory(exp, options, todo, components, need_stats, shared, monitor);
   const RunKeys keys(exp.model_dir, shared.calibration_tokens, exp.seed);
   if (need_stats) input_statistics(options, cache, keys, monitor, shared);
   monitor.stage_done("shared");
@@ -505,6 +509,15 @@ RunReport run_experiment(const Experiment& exp, const PluginRegistry& registry, 
                       },
                       tbb::simple_partitioner());
   });
+  monitor.on_change({});
+  memory_watch.stop();
+  const MemoryWatch::Peak peak = memory_watch.peak();
+  report.measured_peak_bytes = peak.bytes;
+  if (options.print_memory && peak.bytes > 0)
+    monitor.step("memory", fmt::format("measured peak RssAnon {} at {} (predicted {}, {:+.0f}%) during: {}",
+                                       format_bytes(peak.bytes), format_duration(peak.seconds),
+                                       format_bytes(report.predicted_peak_bytes),
+                                       100.0 * (report.predicted_peak_bytes / peak.bytes - 1.0), peak.doing));
   monitor.finish();
 
   // Stage "report": in the experiment's arm order.

@@ -308,6 +308,10 @@ std::vector<LinearRecord> quantize_layerwise_resumable(LlamaModel& model, const 
       const int k = static_cast<int>(input_of(kAllLinears[i]));
       hess.needed[k] = hess.needed[k] || per_layer || ch.mask != nullptr || ch.quantizer->needs_hessian();
     }
+    auto phase = [&options](const std::string& what) {
+      if (options.on_phase) options.on_phase(what);
+    };
+    phase("Hessians");
     for (std::size_t b = 0; b < streams.quant.size(); ++b) {
       Matrix h = streams.quant.get(b);
       decoder_layer_forward(c, layer, rope, streams.shapes[b], h, l, &hess);
@@ -380,16 +384,19 @@ std::vector<LinearRecord> quantize_layerwise_resumable(LlamaModel& model, const 
         if (choice(l, i).mask != nullptr) ctx.masks[i] = &masks[i];
       ctx.log = options.log;
       ctx.log_prefix = fmt::format("layer{}", l);
+      phase("quantize the layer");
       const auto t0 = std::chrono::steady_clock::now();
       bits = choice(l, 0).quantizer->quantize_layer(ctx, layer);
       fault_point("quantizer");
       seconds.fill(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() / kAllLinears.size());
+      phase("records");
       for (std::size_t i = 0; i < kAllLinears.size(); ++i) record(i, original->linear(kAllLinears[i]));
     } else {
       for (std::size_t i = 0; i < kAllLinears.size(); ++i) {
         const Linear which = kAllLinears[i];
         auto ctx = linear_context(which);
         if (choice(l, i).mask != nullptr) ctx.mask = &masks[i];
+        phase(fmt::format("quantize {}", linear_name(which)));
         const Matrix w0 = original ? Matrix() : layer.linear(which);
         const auto t0 = std::chrono::steady_clock::now();
         bits[i] = choice(l, i).quantizer->quantize_linear(ctx, layer.linear(which));
@@ -401,6 +408,7 @@ std::vector<LinearRecord> quantize_layerwise_resumable(LlamaModel& model, const 
         const auto input = input_of(which);
         const bool last_of_input = i + 1 == kAllLinears.size() || input_of(kAllLinears[i + 1]) != input;
         if (last_of_input) factors.release(static_cast<int>(input));
+        phase(fmt::format("record {}", linear_name(which)));
         record(i, original ? original->linear(which) : w0);
         if (last_of_input) {
           hess.sum[static_cast<int>(input)] = Eigen::MatrixXd();
@@ -411,6 +419,7 @@ std::vector<LinearRecord> quantize_layerwise_resumable(LlamaModel& model, const 
     }
 
     // 4. The quantized layer produces the next layer's quantized stream; the FP layer the FP stream.
+    phase("forward");
     for (std::size_t b = 0; b < streams.quant.size(); ++b) {
       Matrix x = streams.quant.take(b);
       decoder_layer_forward(c, layer, rope, streams.shapes[b], x);
@@ -423,11 +432,13 @@ std::vector<LinearRecord> quantize_layerwise_resumable(LlamaModel& model, const 
         streams.fp.put(b, std::move(y));
       }
     }
+    phase("keep the layer");
     if (options.keep_layer)
       options.keep_layer(model, l, std::move(layer));
     else
       model.set_layer(l, std::move(layer));
     if (options.after_layer) options.after_layer(l, records);
+    phase("checkpoint");
     if (resume.after_layer) resume.after_layer(l, records, streams);
 #ifdef __GLIBC__
     // The layer's temporaries (tens of MB each, below glibc's mmap threshold, in the TBB workers'

@@ -27,7 +27,7 @@
 #include "ptqlab/quant/allocation.hpp"
 #include "ptqlab/quant/bits.hpp"
 
-#define PTQLAB_PLUGIN_ABI_VERSION 8  // 8: headers in layer folders, the declared plugin SDK (docs/plugins.md)
+#define PTQLAB_PLUGIN_ABI_VERSION 9  // 9: LayerwiseOptions::on_phase; 8: layer folders, the declared plugin SDK
 
 namespace ptqlab {
 

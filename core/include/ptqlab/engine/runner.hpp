@@ -38,6 +38,8 @@ struct RunOptions {
   // checkpoint to <export_dir>/<arm>/ (export.hpp), dequantized weights in `export_dtype`.
   std::filesystem::path export_dir;
   std::string export_dtype = "f16";
+  // When set, a timeline of the process's RssAnon and what each arm did (memory_watch.hpp).
+  std::filesystem::path memory_trace;
 };
 
 struct ArmOutcome {
@@ -52,6 +54,8 @@ struct ArmOutcome {
 struct RunReport {
   std::vector<ArmOutcome> arms;
   double seconds = 0;
+  double predicted_peak_bytes = 0;  // the memory model's prediction (0: the run stopped before it)
+  double measured_peak_bytes = 0;   // peak RssAnon sampled every 0.2 s while the run went on
   int failed() const;
   int stopped() const;
 };

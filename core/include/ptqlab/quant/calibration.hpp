@@ -61,6 +61,9 @@ struct LayerwiseOptions {
   std::uint64_t seed = 0;
   // Called before each layer (layer index, number of layers): progress display.
   std::function<void(int, int)> on_layer;
+  // Called as a layer goes through its phases ("Hessians", "quantize q_proj", "records",
+  // "forward"): progress display and the memory watch's timeline.
+  std::function<void(const std::string&)> on_phase;
   // Where the quantized layer l goes (default: LlamaModel::set_layer, resident float32). An arm
   // of a large model spills it to its own file instead (runner, --layer-store).
   std::function<void(LlamaModel&, int, DecoderLayer)> keep_layer;
