@@ -5,6 +5,8 @@
 # process's anonymous resident memory (RssAnon, /proc/PID/status) every 0.2 s; prints wall time,
 # peak RssAnon and, where ptqlab predicts one, the predicted peak. Checkpoints are deleted at the end.
 #
+# The experiment runs also write a RssAnon timeline by stage (--memory-trace) to WORKDIR/memory-trace *.tsv.
+#
 # Usage: tests/bench/bench_scale.sh [WORKDIR]        (default: a fresh directory under /tmp)
 #   BENCH_STEPS="info ppl rtn gptq resume export-ppl"
 #                                     what to run on the 7B checkpoint (default: info ppl rtn);
@@ -125,8 +127,10 @@ for step in $steps; do
   - name: gptq2
     quantizer: {name: gptq, params: {bits: 2, group_size: 128}}"
       measure "run 7B rtn4+gptq2 --jobs 2 (f16 store)" "$ptqlab" run "$work/both7.yaml" --out "$work/both7" --no-cache \
-        --force --jobs 2 --layer-store f16 --export-dir "$work/export7" --export-dtype f16
-      grep -h "predicted peak memory\|^memory" "$work/run 7B rtn4+gptq2 --jobs 2 (f16 store).log" | head -12 | sed 's/^/  /'
+        --force --jobs 2 --layer-store f16 --export-dir "$work/export7" --export-dtype f16 \
+        --memory-trace "$work/memory-trace 7B rtn4+gptq2.tsv"
+      grep -h "predicted peak memory\|^memory\|measured peak RssAnon" "$work/run 7B rtn4+gptq2 --jobs 2 (f16 store).log" \
+        | head -12 | sed 's/^/  /'
       rm -rf "$work/export7/rtn4" ;;   # disk: only the GPTQ export is read back
     resume)
       experiment "$work/both7.yaml" "$m7" "  - name: rtn4
@@ -161,6 +165,7 @@ if [ "${BENCH_13B:-0}" = 1 ]; then
   experiment "$work/rtn13.yaml" "$m13" "  - name: rtn4
     quantizer: {name: rtn, params: {bits: 4, group_size: 128}}"
   measure "run 13B rtn4 (layer-store f16)" "$ptqlab" run "$work/rtn13.yaml" --out "$work/rtn13" --no-cache --force \
-    --layer-store f16
+    --layer-store f16 --memory-trace "$work/memory-trace 13B rtn4.tsv"
+  grep -h "measured peak RssAnon" "$work/run 13B rtn4 (layer-store f16).log" | sed 's/^/  /'
   [ "${BENCH_KEEP:-0}" = 1 ] || rm -rf "$m13"
 fi
