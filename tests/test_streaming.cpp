@@ -377,19 +377,31 @@ TEST(Conversions, F16AndBf16NarrowingIsNearestEven) {
   EXPECT_EQ(f32_to_f16(1e-9f), 0u);
 }
 
-TEST(MemoryModel, RunOverTheLimitIsRefusedBeforeAnyArm) {
+// One arm on the shipped model (test::SmallExperiment) in a temporary directory, run with the
+// installed plugins.
+struct OneArmExperiment {
   test::TempDir dir;
-  test::SmallExperiment e;
-  e.arms = "  - name: rtn\n    quantizer: {name: rtn, params: {bits: 4, group_size: 32}}\n";
-  std::ofstream(dir.path() / "exp.yaml") << e.yaml();
   PluginRegistry registry;
-  registry.add_search_path(PluginRegistry::default_plugin_dir());
+  explicit OneArmExperiment(const std::string& arm_yaml) {
+    test::SmallExperiment e;
+    e.arms = arm_yaml;
+    std::ofstream(file()) << e.yaml();
+    registry.add_search_path(PluginRegistry::default_plugin_dir());
+  }
+  fs::path file() const { return dir.path() / "exp.yaml"; }
+  RunReport run(const RunOptions& o) { return run_experiment(load_experiment(file(), registry), registry, o); }
+};
+
+const char* const kRtnArm = "  - name: rtn\n    quantizer: {name: rtn, params: {bits: 4, group_size: 32}}\n";
+
+TEST(MemoryModel, RunOverTheLimitIsRefusedBeforeAnyArm) {
+  OneArmExperiment x(kRtnArm);
   RunOptions o;
-  o.out_dir = dir.path() / "out";
+  o.out_dir = x.dir.path() / "out";
   o.memory_limit = 100e3;
   o.print_memory = false;
   try {
-    run_experiment(load_experiment(dir.path() / "exp.yaml", registry), registry, o);
+    x.run(o);
     FAIL() << "expected a refusal";
   } catch (const Error& err) {
     const std::string m = err.what();
@@ -399,7 +411,7 @@ TEST(MemoryModel, RunOverTheLimitIsRefusedBeforeAnyArm) {
   }
   EXPECT_FALSE(fs::exists(o.out_dir));
   o.memory_limit = 10e9;
-  EXPECT_EQ(run_experiment(load_experiment(dir.path() / "exp.yaml", registry), registry, o).failed(), 0);
+  EXPECT_EQ(x.run(o).failed(), 0);
 }
 
 TEST(MemoryModel, PplOverTheLimitExitsWithTwo) {
@@ -457,18 +469,13 @@ TEST(MemoryWatch, PeakHoldsTheLargestSampleAndWhatWasDoneThen) {
 }
 
 TEST(MemoryWatch, RunReportsMeasuredPeakAndTracesEachArmsStages) {
-  test::TempDir dir;
-  test::SmallExperiment e;
-  e.arms = "  - name: rtn\n    quantizer: {name: rtn, params: {bits: 4, group_size: 32}}\n";
-  std::ofstream(dir.path() / "exp.yaml") << e.yaml();
-  PluginRegistry registry;
-  registry.add_search_path(PluginRegistry::default_plugin_dir());
+  OneArmExperiment x(kRtnArm);
   RunOptions o;
-  o.out_dir = dir.path() / "out";
+  o.out_dir = x.dir.path() / "out";
   o.print_memory = false;
-  o.memory_trace = dir.path() / "no-such-dir" / "trace.tsv";
+  o.memory_trace = x.dir.path() / "no-such-dir" / "trace.tsv";
   try {  // a trace that cannot be written is refused before anything is computed or written
-    run_experiment(load_experiment(dir.path() / "exp.yaml", registry), registry, o);
+    x.run(o);
     FAIL() << "expected a refusal";
   } catch (const Error& err) {
     EXPECT_NE(std::string(err.what()).find("no-such-dir/trace.tsv: cannot write the memory trace (--memory-trace)"),
@@ -476,8 +483,8 @@ TEST(MemoryWatch, RunReportsMeasuredPeakAndTracesEachArmsStages) {
         << err.what();
   }
   EXPECT_FALSE(fs::exists(o.out_dir));
-  o.memory_trace = dir.path() / "trace.tsv";
-  const auto report = run_experiment(load_experiment(dir.path() / "exp.yaml", registry), registry, o);
+  o.memory_trace = x.dir.path() / "trace.tsv";
+  const auto report = x.run(o);
   ASSERT_EQ(report.failed(), 0);
   EXPECT_GT(report.predicted_peak_bytes, 0);
   EXPECT_GT(report.measured_peak_bytes, 0);
@@ -510,18 +517,13 @@ TEST(MemoryWatch, RunReportsMeasuredPeakAndTracesEachArmsStages) {
 }
 
 TEST(LayerStore, SpilledArmsEqualResidentOnesAndLeaveNothing) {
-  test::TempDir dir;
-  test::SmallExperiment e;
-  e.arms = "  - name: gptq\n    quantizer: {name: gptq, params: {bits: 2, group_size: 32}}\n";
-  std::ofstream(dir.path() / "exp.yaml") << e.yaml();
-  PluginRegistry registry;
-  registry.add_search_path(PluginRegistry::default_plugin_dir());
+  OneArmExperiment x("  - name: gptq\n    quantizer: {name: gptq, params: {bits: 2, group_size: 32}}\n");
   auto run = [&](const std::string& store) {
     RunOptions o;
-    o.out_dir = dir.path() / store;
+    o.out_dir = x.dir.path() / store;
     o.layer_store = store;
     o.print_memory = false;
-    const auto r = run_experiment(load_experiment(dir.path() / "exp.yaml", registry), registry, o);
+    const auto r = x.run(o);
     EXPECT_FALSE(fs::exists(o.out_dir / ".gptq.layers")) << store;
     return r.arms.at(0).result;
   };

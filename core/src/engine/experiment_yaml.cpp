@@ -6,6 +6,7 @@
 #include <cmath>
 #include <fstream>
 #include <limits>
+#include <set>
 #include <sstream>
 #include <system_error>
 
@@ -16,10 +17,15 @@ namespace ptqlab::experiment_file {
 // ---------------------------------------------------------------------------------------------
 // Small helpers.
 
+namespace {
+
 bool is_name_char(char c) {
   return (c >= 'A' && c <= 'Z') || (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') || c == '.' || c == '_' ||
          c == '-';
 }
+
+}  // namespace
+
 bool is_alnum(char c) { return (c >= 'A' && c <= 'Z') || (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9'); }
 
 bool valid_name(const std::string& s) {
@@ -69,6 +75,9 @@ std::string describe(const YAML::Node& n) {
   }
 }
 
+namespace {
+
+// Floats as text that reads back as a float (1.0, not 1), so the resolved YAML keeps types.
 std::string real_text(double d) {
   if (std::isnan(d)) return ".nan";
   if (std::isinf(d)) return d > 0 ? ".inf" : "-.inf";
@@ -76,6 +85,8 @@ std::string real_text(double d) {
   if (t.find_first_of(".eE") == std::string::npos) t += ".0";
   return t;
 }
+
+}  // namespace
 
 // ---------------------------------------------------------------------------------------------
 // Errors with positions.
@@ -93,6 +104,14 @@ std::string printable(const std::string& s) {
   return out;
 }
 
+namespace {
+
+constexpr int kMaxDepth = 64;
+
+// Reads and parses the file; the root must be a map. Duplicate keys (which yaml-cpp keeps
+// silently) and non-scalar keys are rejected anywhere in the tree. A node reached again through a
+// YAML alias is checked once (`visited`: collections by their position in the text), so that nested
+// aliases ("billion laughs") cannot make the walk exponential.
 void check_structure(const Doc& doc, const YAML::Node& node, int depth, std::set<int>& visited) {
   if (depth > kMaxDepth) doc.fail(node.Mark(), fmt::format("nesting deeper than {} levels", kMaxDepth));
   if ((node.IsSequence() || node.IsMap()) && !visited.insert(node.Mark().pos).second) return;
@@ -110,6 +129,8 @@ void check_structure(const Doc& doc, const YAML::Node& node, int depth, std::set
     }
   }
 }
+
+}  // namespace
 
 YAML::Node load_root(const Doc& doc, const fs::path& file, const std::string& shown) {
   std::error_code ec;
@@ -145,6 +166,8 @@ bool looks_int(const std::string& s) {
   return true;
 }
 
+namespace {
+
 bool looks_float(const std::string& s) {
   std::size_t i = (!s.empty() && (s[0] == '+' || s[0] == '-')) ? 1 : 0;
   const std::string rest = s.substr(i);
@@ -167,6 +190,7 @@ bool looks_float(const std::string& s) {
   return i == s.size();
 }
 
+// The value of a plain scalar text, as the core schema reads it.
 std::optional<ParamValue> plain_value(const std::string& s, std::string* why_not) {
   if (s == "true") return ParamValue(true);
   if (s == "false") return ParamValue(false);
@@ -200,6 +224,8 @@ std::optional<ParamValue> plain_value(const std::string& s, std::string* why_not
   }
   return ParamValue(s);
 }
+
+}  // namespace
 
 ParamValue scalar_value(const Doc& doc, const YAML::Node& n, const YAML::Mark& mark, const std::string& what) {
   if (!n.IsScalar()) doc.fail(mark, fmt::format("{} must be a single value, got {}", what, describe(n)));

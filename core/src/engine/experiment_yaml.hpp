@@ -5,7 +5,6 @@
 #include <cstdint>
 #include <filesystem>
 #include <optional>
-#include <set>
 #include <string>
 #include <vector>
 
@@ -21,15 +20,11 @@ namespace fs = std::filesystem;
 
 inline constexpr std::size_t kMaxNameLength = 100;
 
-inline constexpr int kMaxDepth = 64;
-
 inline constexpr std::int64_t kMaxNsamples = 1000000;
 
 // Sweeps multiply: a few short lists (or YAML aliases) could otherwise ask for millions of arms and
 // exhaust memory before anything runs. Far above any real study.
 inline constexpr std::size_t kMaxArms = 10000;
-
-bool is_name_char(char c);
 
 bool is_alnum(char c);
 
@@ -50,9 +45,6 @@ fs::path absolute_normal(const fs::path& p);
 std::string type_with_article(ParamType t);
 
 std::string describe(const YAML::Node& n);
-
-// Floats as text that reads back as a float (1.0, not 1), so the resolved YAML keeps types.
-std::string real_text(double d);
 
 // Control characters (a tab or newline in a quoted name) shown as escapes: an error stays one line.
 std::string printable(const std::string& s);
@@ -78,20 +70,10 @@ class Doc {
   fs::path dir_;
 };
 
-// Reads and parses the file; the root must be a map. Duplicate keys (which yaml-cpp keeps
-// silently) and non-scalar keys are rejected anywhere in the tree. A node reached again through a
-// YAML alias is checked once (`visited`: collections by their position in the text), so that nested
-// aliases ("billion laughs") cannot make the walk exponential.
-void check_structure(const Doc& doc, const YAML::Node& node, int depth, std::set<int>& visited);
-
+// Reads and parses the file; the root must be a map without duplicate or non-scalar keys anywhere.
 YAML::Node load_root(const Doc& doc, const fs::path& file, const std::string& shown);
 
 bool looks_int(const std::string& s);
-
-bool looks_float(const std::string& s);
-
-// The value of a plain scalar text, as the core schema reads it.
-std::optional<ParamValue> plain_value(const std::string& s, std::string* why_not);
 
 // A scalar node's typed value. `what` names the value in messages.
 ParamValue scalar_value(const Doc& doc, const YAML::Node& n, const YAML::Mark& mark, const std::string& what);

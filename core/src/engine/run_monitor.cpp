@@ -16,11 +16,11 @@ double seconds_since(Clock::time_point t0) { return std::chrono::duration<double
 RunMonitor::RunMonitor(int total) : total_(total), start_(Clock::now()), interactive_(::isatty(STDOUT_FILENO) == 1) {}
 
 void RunMonitor::stage(const std::string& arm, std::string what) {
-  stage_locked(arm, std::move(what));
+  set_stage(arm, std::move(what));
   if (on_change_) on_change_();
 }
 
-void RunMonitor::stage_locked(const std::string& arm, std::string what) {
+void RunMonitor::set_stage(const std::string& arm, std::string what) {
   std::lock_guard lock(mutex_);
   if (!interactive_) {
     // A log file (Slurm, nohup) gets the current stage of an arm at most every 30 s, so that a

@@ -46,7 +46,7 @@ class RunMonitor {
   void on_change(std::function<void()> f) { on_change_ = std::move(f); }
 
  private:
-  void stage_locked(const std::string& arm, std::string what);
+  void set_stage(const std::string& arm, std::string what);  // stage() without on_change_
   void clear();
   void redraw();
 
@@ -57,8 +57,8 @@ class RunMonitor {
   bool drawn_ = false;
   mutable std::mutex mutex_;
   std::map<std::string, std::string> stages_;
-  std::map<std::string, Clock::time_point> last_line_;
-  std::function<void()> on_change_;  // non-interactive: when an arm's stage was last printed
+  std::map<std::string, Clock::time_point> last_line_;  // non-interactive: when an arm's stage was last printed
+  std::function<void()> on_change_;
 };
 
 // The components an arm is made of (a factory may refuse: then `error` says why and the arm fails).
