@@ -10,6 +10,7 @@
 #include "ptqlab/engine/allocation_stage.hpp"
 #include "ptqlab/nn/forward.hpp"
 #include "ptqlab/quant/gptq.hpp"
+#include "ptqlab/quant/linear_context.hpp"
 #include "ptqlab/support/error.hpp"
 #include "ptqlab/support/progress.hpp"
 #include "ptqlab/support/stop.hpp"
@@ -141,19 +142,9 @@ AllocationTable measure_allocation_table(const LlamaModel& model, const std::vec
       std::array<double, 7> seconds{};
       std::array<SalientMask, 7> masks;
       bool failed = false;
+      // No tensor log: the candidates' own logs are not part of any result.
       auto linear_context = [&](Linear which) {
-        LinearContext ctx;
-        ctx.config = &c;
-        ctx.layer = l;
-        ctx.which = which;
-        ctx.seed = options.seed;
-        ctx.log_prefix = fmt::format("layer{}/{}", l, linear_name(which));
-        ctx.hessian = [&hessian_of, which]() -> const Eigen::MatrixXd& { return hessian_of(which); };
-        ctx.inverse_factor = [&factors, &hessian_of, which](double percdamp, const std::string& what) {
-          return factors.get(static_cast<int>(input_of(which)), hessian_of(which), percdamp, what);
-        };
-        ctx.input_stats = [&stats_of, l, which]() -> const InputStats& { return stats_of(l, which); };
-        return ctx;
+        return layer_linear_context(c, l, which, options.seed, nullptr, hessian_of, factors, stats_of);
       };
       try {
         if (cand.mask)

@@ -17,6 +17,7 @@
 #include "ptqlab/engine/experiment.hpp"
 #include "ptqlab/eval/scoring.hpp"
 #include "ptqlab/support/error.hpp"
+#include "windows.hpp"
 #include "ptqlab/support/progress.hpp"
 #include "ptqlab/support/sha256.hpp"
 #include "ptqlab/support/stop.hpp"
@@ -178,17 +179,11 @@ std::mutex& reference_mutex() {
 
 KldResult evaluate_kld(const LlamaModel& model, const LlamaModel& reference, std::span<const int> stream,
                        const KldOptions& options) {
-  const int seq_len = options.seq_len > 0 ? options.seq_len : model.config.max_position_embeddings;
-  if (seq_len < 2) throw Error(fmt::format("seq_len must be at least 2, got {}", seq_len));
-  if (seq_len > model.config.max_position_embeddings)
-    throw Error(fmt::format("seq_len {} exceeds the model's max_position_embeddings {}", seq_len,
-                            model.config.max_position_embeddings));
   if (reference.config.vocab_size != model.config.vocab_size)
     throw Error("the reference model has another vocabulary");
-  long long windows = static_cast<long long>(stream.size()) / seq_len;
-  if (options.max_windows > 0) windows = std::min(windows, options.max_windows);
-  if (windows == 0)
-    throw Error(fmt::format("the text has {} tokens, fewer than one window of {}", stream.size(), seq_len));
+  const WindowPlan plan = plan_windows(model.config, stream.size(), options.seq_len, options.max_windows, 2, "seq_len");
+  const int seq_len = plan.seq_len;
+  const long long windows = plan.windows;
   const int positions = seq_len - 1;  // position p predicts p + 1
   const std::size_t vocab = static_cast<std::size_t>(model.config.vocab_size);
   const std::size_t row_bytes = vocab * sizeof(float);

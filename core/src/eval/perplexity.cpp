@@ -10,6 +10,7 @@
 #include "ptqlab/eval/scoring.hpp"
 #include "ptqlab/nn/forward.hpp"
 #include "ptqlab/support/error.hpp"
+#include "windows.hpp"
 #include "ptqlab/support/progress.hpp"
 #include "ptqlab/support/stop.hpp"
 
@@ -32,15 +33,10 @@ long long batches_per_group(const LlamaConfig& config, long long rows, std::size
 
 PerplexityResult evaluate_perplexity(const LlamaModel& model, std::span<const int> stream,
                                      const PerplexityOptions& options) {
-  const int seq_len = options.seq_len > 0 ? options.seq_len : model.config.max_position_embeddings;
-  if (seq_len < 2) throw Error(fmt::format("--seq-len must be at least 2, got {}", seq_len));
-  if (seq_len > model.config.max_position_embeddings)
-    throw Error(fmt::format("--seq-len {} exceeds the model's max_position_embeddings {}", seq_len,
-                            model.config.max_position_embeddings));
-  long long windows = static_cast<long long>(stream.size()) / seq_len;
-  if (options.max_windows > 0) windows = std::min(windows, options.max_windows);
-  if (windows == 0)
-    throw Error(fmt::format("the text has {} tokens, fewer than one window of {}", stream.size(), seq_len));
+  const WindowPlan plan =
+      plan_windows(model.config, stream.size(), options.seq_len, options.max_windows, 2, "--seq-len");
+  const int seq_len = plan.seq_len;
+  const long long windows = plan.windows;
 
   const int per_call = options.batch_windows > 0 ? options.batch_windows : std::max(1, 4096 / seq_len);
   const long long calls = (windows + per_call - 1) / per_call;
@@ -118,15 +114,10 @@ std::string gptq_wikitext2_text(const std::string& raw) {
 
 PerplexityResult evaluate_perplexity_llamacpp(const LlamaModel& model, std::span<const int> stream,
                                               const PerplexityOptions& options, double* uncertainty) {
-  const int n_ctx = options.seq_len > 0 ? options.seq_len : model.config.max_position_embeddings;
-  if (n_ctx < 4) throw Error(fmt::format("seq_len must be at least 4 for the llamacpp protocol, got {}", n_ctx));
-  if (n_ctx > model.config.max_position_embeddings)
-    throw Error(fmt::format("seq_len {} exceeds the model's max_position_embeddings {}", n_ctx,
-                            model.config.max_position_embeddings));
-  long long chunks = static_cast<long long>(stream.size()) / n_ctx;
-  if (options.max_windows > 0) chunks = std::min(chunks, options.max_windows);
-  if (chunks == 0)
-    throw Error(fmt::format("the text has {} tokens, fewer than one chunk of {}", stream.size(), n_ctx));
+  const WindowPlan plan = plan_windows(model.config, stream.size(), options.seq_len, options.max_windows, 4,
+                                       "seq_len", " for the llamacpp protocol", "chunk");
+  const int n_ctx = plan.seq_len;
+  const long long chunks = plan.windows;
   const int first = n_ctx / 2;  // llama.cpp scores logits first .. n_ctx-2
   const int per_call = options.batch_windows > 0 ? options.batch_windows : std::max(1, 4096 / n_ctx);
 

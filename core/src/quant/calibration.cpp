@@ -17,6 +17,7 @@
 #include "ptqlab/engine/layer_checkpoint.hpp"
 #include "ptqlab/nn/forward.hpp"
 #include "ptqlab/quant/gptq.hpp"
+#include "ptqlab/quant/linear_context.hpp"
 #include "ptqlab/support/error.hpp"
 #include "ptqlab/support/fault.hpp"
 
@@ -333,19 +334,7 @@ std::vector<LinearRecord> quantize_layerwise_resumable(LlamaModel& model, const 
     std::array<BitCount, 7> bits;
     std::array<double, 7> seconds{};
     auto linear_context = [&](Linear which) {
-      LinearContext ctx;
-      ctx.config = &c;
-      ctx.layer = l;
-      ctx.which = which;
-      ctx.seed = options.seed;
-      ctx.log = options.log;
-      ctx.log_prefix = fmt::format("layer{}/{}", l, linear_name(which));
-      ctx.hessian = [&hessian_of, which]() -> const Eigen::MatrixXd& { return hessian_of(which); };
-      ctx.inverse_factor = [&factors, &hessian_of, which](double percdamp, const std::string& what) {
-        return factors.get(static_cast<int>(input_of(which)), hessian_of(which), percdamp, what);
-      };
-      ctx.input_stats = [&stats_of, l, which]() -> const InputStats& { return stats_of(l, which); };
-      return ctx;
+      return layer_linear_context(c, l, which, options.seed, options.log, hessian_of, factors, stats_of);
     };
     for (std::size_t i = 0; i < kAllLinears.size(); ++i)
       if (Mask* m = choice(l, i).mask) masks[i] = m->select(linear_context(kAllLinears[i]), layer.linear(kAllLinears[i]));
