@@ -104,7 +104,8 @@ $3
 YAML
 }
 
-echo "ptqlab $("$ptqlab" --version 2>/dev/null || true) on $(nproc) cores, $(awk '/MemTotal/ {printf "%.1f GB", $2*1024/1e9}' /proc/meminfo) RAM"
+echo "ptqlab $("$ptqlab" --version 2>/dev/null || true) on $(nproc) cores, $(awk '/MemTotal/ {printf "%.1f GB", $2*1024/1e9}' /proc/meminfo) RAM," \
+  "transparent huge pages: $(sed 's/.*\[\(.*\)\].*/\1/' /sys/kernel/mm/transparent_hugepage/enabled 2>/dev/null || echo unknown)"
 m7="$work/llama2-7b"
 if [ ! -f "$m7/config.json" ]; then
   measure "synth-model 7B ($layers layers)" "$ptqlab" synth-model --like llama-2-7b --layers "$layers" --dtype f16 \
