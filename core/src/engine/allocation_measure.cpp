@@ -142,7 +142,7 @@ AllocationTable measure_allocation_table(const LlamaModel& model, const std::vec
       std::array<double, 7> seconds{};
       std::array<SalientMask, 7> masks;
       bool failed = false;
-      // No tensor log: the candidates' own logs are not part of any result.
+      // No tensor log: the table's trial quantizations are measured, not kept.
       auto linear_context = [&](Linear which) {
         return layer_linear_context(c, l, which, options.seed, nullptr, hessian_of, factors, stats_of);
       };

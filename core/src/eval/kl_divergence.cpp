@@ -17,10 +17,10 @@
 #include "ptqlab/engine/experiment.hpp"
 #include "ptqlab/eval/scoring.hpp"
 #include "ptqlab/support/error.hpp"
-#include "windows.hpp"
 #include "ptqlab/support/progress.hpp"
 #include "ptqlab/support/sha256.hpp"
 #include "ptqlab/support/stop.hpp"
+#include "windows.hpp"
 
 namespace ptqlab {
 
@@ -181,7 +181,8 @@ KldResult evaluate_kld(const LlamaModel& model, const LlamaModel& reference, std
                        const KldOptions& options) {
   if (reference.config.vocab_size != model.config.vocab_size)
     throw Error("the reference model has another vocabulary");
-  const WindowPlan plan = plan_windows(model.config, stream.size(), options.seq_len, options.max_windows, 2, "seq_len");
+  const WindowPlan plan =
+      plan_windows(model.config, stream.size(), options.seq_len, options.max_windows, 2, "seq_len");
   const int seq_len = plan.seq_len;
   const long long windows = plan.windows;
   const int positions = seq_len - 1;  // position p predicts p + 1

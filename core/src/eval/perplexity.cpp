@@ -10,9 +10,9 @@
 #include "ptqlab/eval/scoring.hpp"
 #include "ptqlab/nn/forward.hpp"
 #include "ptqlab/support/error.hpp"
-#include "windows.hpp"
 #include "ptqlab/support/progress.hpp"
 #include "ptqlab/support/stop.hpp"
+#include "windows.hpp"
 
 namespace ptqlab {
 
